@@ -1,0 +1,189 @@
+"""The published FasterViT zoo: configurations, timm pretrained cfgs and registration.
+
+Importing this module registers ``fastervit_0`` ... ``fastervit_6`` and ``fastervit_4_21k_{224,384,512,768}``
+with timm, so ``timm.create_model('fastervit_0')`` works once ``open_fastervit`` is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .convert import checkpoint_filter_fn, load_official_checkpoint
+from .model import MIN_INPUT_SIZE, FasterViT
+
+__all__ = ["MODEL_NAMES", "OFFICIAL_NAMES", "PUBLISHED", "create_model", "load_official", "list_models"]
+
+_BASE = dict(ct_size=2, mlp_ratio=4.0, hat=(False, False, True, False))
+_HEADS_S = (2, 4, 8, 16)
+_HEADS_L = (4, 8, 16, 32)
+_LARGE = dict(layer_scale=1e-5, do_propagation=True)
+
+MODEL_ARGS: dict[str, dict] = {
+    "fastervit_0": dict(dim=64, in_dim=64, depths=(2, 3, 6, 5), num_heads=_HEADS_S, drop_path_rate=0.2),
+    "fastervit_1": dict(dim=80, in_dim=32, depths=(1, 3, 8, 5), num_heads=_HEADS_S, drop_path_rate=0.2),
+    "fastervit_2": dict(dim=96, in_dim=64, depths=(3, 3, 8, 5), num_heads=_HEADS_S, drop_path_rate=0.2),
+    "fastervit_3": dict(dim=128, in_dim=64, depths=(3, 3, 12, 5), num_heads=_HEADS_S, drop_path_rate=0.3, **_LARGE),
+    "fastervit_4": dict(dim=196, in_dim=64, depths=(3, 3, 12, 5), num_heads=_HEADS_L, drop_path_rate=0.3, **_LARGE),
+    "fastervit_5": dict(dim=320, in_dim=64, depths=(3, 3, 12, 5), num_heads=_HEADS_L, drop_path_rate=0.3, **_LARGE),
+    "fastervit_6": dict(dim=320, in_dim=64, depths=(3, 3, 16, 8), num_heads=_HEADS_L, drop_path_rate=0.5, **_LARGE),
+}
+for _size, _ws in ((224, (7, 7, 14, 7)), (384, (7, 7, 24, 12)), (512, (7, 7, 32, 16)), (768, (7, 7, 48, 24))):
+    MODEL_ARGS[f"fastervit_4_21k_{_size}"] = dict(
+        dim=196, in_dim=64, depths=(3, 3, 12, 5), num_heads=_HEADS_L, window_size=_ws, drop_path_rate=0.42,
+        hat=(False, False, False, False), **_LARGE,
+    )  # fmt: skip
+
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_ARGS)
+OFFICIAL_NAMES: dict[str, str] = {
+    **{f"faster_vit_{i}_224": f"fastervit_{i}" for i in range(7)},
+    **{f"faster_vit_4_21k_{s}": f"fastervit_4_21k_{s}" for s in (224, 384, 512, 768)},
+}
+# published ImageNet-1K top-1 / top-5 and A100 throughput (img/s, batch 128) from the authors' README
+PUBLISHED: dict[str, dict[str, float]] = {
+    "fastervit_0": dict(top1=82.1, top5=95.9, throughput=5802),
+    "fastervit_1": dict(top1=83.2, top5=96.5, throughput=4188),
+    "fastervit_2": dict(top1=84.2, top5=96.8, throughput=3161),
+    "fastervit_3": dict(top1=84.9, top5=97.2, throughput=1780),
+    "fastervit_4": dict(top1=85.4, top5=97.3, throughput=849),
+    "fastervit_5": dict(top1=85.6, top5=97.4, throughput=449),
+    "fastervit_6": dict(top1=85.8, top5=97.4, throughput=352),
+    "fastervit_4_21k_224": dict(top1=86.6, top5=97.8),
+    "fastervit_4_21k_384": dict(top1=87.6, top5=98.3),
+    "fastervit_4_21k_512": dict(top1=87.8, top5=98.4),
+    "fastervit_4_21k_768": dict(top1=87.9, top5=98.5),
+}
+
+
+def _cfg(file: str, size: int = 224, **kwargs) -> dict:
+    return {
+        "hf_hub_id": "nvidia/FasterViT",
+        "hf_hub_filename": file,
+        "url": f"https://huggingface.co/nvidia/FasterViT/resolve/main/{file}",
+        "custom_load": True,  # local files and URLs go through our safe loader (FasterViT.load_pretrained)
+        "num_classes": 1000,
+        "input_size": (3, size, size),
+        "min_input_size": (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+        "fixed_input_size": False,
+        "pool_size": (size // 32, size // 32),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "license": "nvidia-source-code-license-nc",
+        "paper_ids": "arXiv:2306.06189",
+        "paper_name": "FasterViT: Fast Vision Transformers with Hierarchical Attention",
+        "origin_url": "https://github.com/NVlabs/FasterViT",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "fastervit_0.in1k": _cfg("fastervit_0_224_1k.pth.tar", crop_pct=0.875),
+        **{f"fastervit_{i}.in1k": _cfg(f"fastervit_{i}_224_1k.pth.tar") for i in range(1, 7)},
+        "fastervit_4_21k_224.in21k_ft_in1k": _cfg(
+            "fastervit_4_21k_224_w14.pth.tar", crop_pct=0.95, crop_mode="squash"
+        ),
+        "fastervit_4_21k_384.in21k_ft_in1k": _cfg(
+            "fastervit_4_21k_384_w24.pth.tar", 384, crop_pct=1.0, crop_mode="squash"
+        ),
+        "fastervit_4_21k_512.in21k_ft_in1k": _cfg(
+            "fastervit_4_21k_512_w32.pth.tar", 512, crop_pct=1.0, crop_mode="squash"
+        ),
+        "fastervit_4_21k_768.in21k_ft_in1k": _cfg(
+            "fastervit_4_21k_768_w48.pth.tar", 768, crop_pct=0.93, crop_mode="squash"
+        ),
+    }
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> FasterViT:
+    args = {**_BASE, **MODEL_ARGS[variant], **kwargs}
+    return build_model_with_cfg(
+        FasterViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **args,
+    )
+
+
+def _register(name: str) -> None:
+    def entry(pretrained: bool = False, **kwargs) -> FasterViT:
+        return _create(name, pretrained, **kwargs)
+
+    entry.__name__ = name
+    entry.__qualname__ = name
+    entry.__doc__ = f"FasterViT {name.removeprefix('fastervit_')} (arXiv:2306.06189), config {MODEL_ARGS[name]}."
+    entry.__module__ = __name__
+    globals()[name] = register_model(entry)
+
+
+for _name in MODEL_NAMES:
+    _register(_name)
+
+
+def _resolve_name(name: str) -> str:
+    base = name.split(".", 1)[0]
+    if base in MODEL_ARGS:
+        return name
+    if base in OFFICIAL_NAMES:
+        return OFFICIAL_NAMES[base]
+    close = difflib.get_close_matches(base, list(MODEL_NAMES) + list(OFFICIAL_NAMES), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown FasterViT model {name!r}{hint} (known: {', '.join(MODEL_NAMES)})")
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> FasterViT:
+    """``timm.create_model`` for FasterViT names (official ``faster_vit_*`` names accepted), clear errors."""
+    return timm.create_model(_resolve_name(name), pretrained=pretrained, **kwargs)
+
+
+def load_official(name: str, path: str | Path, *, use_ema: bool = False, **kwargs) -> FasterViT:
+    """Build ``name`` and load an official ``.pth.tar`` checkpoint into it (safe load, converted keys).
+
+    ``num_classes`` different from 1000 keeps a freshly initialised head (reported in the log).
+    """
+    model = create_model(name, **kwargs)
+    load_official_checkpoint(model, path, use_ema=use_ema)
+    return model
+
+
+def list_models() -> list[dict]:
+    """Name, parameter count (1000 classes), native resolution and published accuracy of every model."""
+    rows = []
+    for name in MODEL_NAMES:
+        with torch.device("meta"):
+            model = create_model(name)
+        rows.append(
+            dict(
+                name=name,
+                params=sum(p.numel() for p in model.parameters()),
+                input_size=model.pretrained_cfg["input_size"][-1],
+                **PUBLISHED[name],
+            )
+        )
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="fastervit models", description="List the published FasterViT models.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    build_parser().parse_args(argv)
+    print(f"{'model':<22}{'params':>15}{'res':>6}{'top-1':>7}{'top-5':>7}")
+    for row in list_models():
+        print(f"{row['name']:<22}{row['params']:>15,}{row['input_size']:>6}{row['top1']:>7}{row['top5']:>7}")
+    return 0

@@ -1,0 +1,43 @@
+"""Shared test fixtures: tiny configurations, the shared data folder, the oracle."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import open_fastervit  # noqa: F401  (registers the models with timm)
+
+# A tiny FasterViT exercising every path at 64 px: stage 2 holds 2x2 windows of 3 (HAT, padding 4 -> 6),
+# stage 3 a single padded window (plain attention); layer scale and propagation on.
+TINY = dict(
+    dim=16,
+    in_dim=8,
+    depths=(1, 1, 2, 2),
+    num_heads=(1, 2, 2, 4),
+    window_size=(7, 7, 3, 3),
+    drop_path_rate=0.0,
+    layer_scale=1e-5,
+    do_propagation=True,
+    num_classes=10,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """The official `fastervit` package (test-only oracle, installed by `make test`; never skipped).
+
+    Importing it registers ``faster_vit_*`` in timm's registry.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import fastervit
+
+    return fastervit
