@@ -19,7 +19,7 @@ masks) are pure functions of the configuration and the grid size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,52 @@ def raster_to_carriers(t: Tensor, nh: int, nw: int, ct: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class TokenPosEmbed(nn.Module):
+class PositionTerm(nn.Module):
+    """Base of the position terms: constant per (grid, dtype, device) in inference, so cached there.
+
+    The cache is used only when nothing can need its gradient or trace: eval mode, grad disabled, not tracing or
+    compiling. Keys include the parameters' version counters (in-place updates such as EMA invalidate them),
+    device, dtype and autocast state; ``train()``, ``.to()`` and ``load_state_dict`` clear it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple, Tensor] = {}
+
+    def cached(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+            or torch.compiler.is_compiling()
+        ):
+            return compute()
+        weight = self.mlp[0].weight
+        device = weight.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (*key, weight.device, weight.dtype, amp, *(p._version for p in self.parameters()))
+        value = self._cache.get(key)
+        if value is None:
+            if len(self._cache) >= 64:  # many sizes in one process: keep memory bounded
+                self._cache.clear()
+            value = self._cache[key] = compute()
+        return value
+
+    def train(self, mode: bool = True) -> PositionTerm:
+        self._cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() ...
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class TokenPosEmbed(PositionTerm):
     """Continuous token position encoding: an MLP over normalised grid coordinates (paper Sec. 3.2).
 
     Used for the window tokens (a ``ws x ws`` grid) and for the carrier tokens (the carrier grid).
@@ -145,33 +190,55 @@ class TokenPosEmbed(nn.Module):
 
     def forward(self, h: int, w: int) -> Tensor:
         """Embedding of an ``h x w`` grid, row-major: ``(1, h*w, C)``."""
+        return self.cached((h, w), lambda: self.compute(h, w))
+
+    def compute(self, h: int, w: int) -> Tensor:
         weight = self.mlp[0].weight
         return self.mlp(grid_coordinates(h, w, weight.device, weight.dtype)).unsqueeze(0)
 
 
-class ContinuousRelPosBias(nn.Module):
-    """SwinV2-style continuous relative position bias: MLP over log-spaced offsets, ``16 * sigmoid``."""
+class ContinuousRelPosBias(PositionTerm):
+    """SwinV2-style continuous relative position bias: MLP over log-spaced offsets, ``16 * sigmoid``.
+
+    For a window attention over a padded map it also folds in the key mask of the padded positions.
+    """
 
     def __init__(self, num_heads: int, hidden: int = POS_MLP_HIDDEN) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, num_heads, bias=False))
 
-    def forward(self, h: int, w: int, num_prefix: int = 0) -> Tensor:
-        """Bias of an ``h x w`` window: ``(heads, P + h*w, P + h*w)``; pairs with a prefix token get 0."""
+    def forward(self, h: int, w: int, num_prefix: int = 0, map_size: tuple[int, int] | None = None) -> Tensor:
+        """Bias of an ``h x w`` window: ``(1, heads, P + h*w, P + h*w)``; pairs with a prefix token get 0.
+
+        With ``map_size`` (the unpadded map cut into such windows) and padding needed, the result is per window,
+        ``(nW, heads, N, N)``, with ``-inf`` on padded keys (see :func:`window_key_mask`).
+        """
+        return self.cached((h, w, num_prefix, map_size), lambda: self.compute(h, w, num_prefix, map_size))
+
+    def compute(self, h: int, w: int, num_prefix: int = 0, map_size: tuple[int, int] | None = None) -> Tensor:
         weight = self.mlp[0].weight
         values = self.mlp(log_relative_offsets(h, w, weight.device, weight.dtype))  # ((2h-1)(2w-1), heads)
         bias = values[relative_position_index(h, w, weight.device)]  # (hw, hw, heads)
         bias = 16 * torch.sigmoid(bias.permute(2, 0, 1))
         if num_prefix:
             bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
+        bias = bias.unsqueeze(0)  # 4-D: the layout fused SDPA kernels take
+        if map_size is not None:
+            if h != w:
+                raise ValueError("padding masks are defined for square windows")
+            mask = window_key_mask(map_size[0], map_size[1], h, num_prefix, weight.device, bias.dtype)
+            if mask is not None:
+                bias = bias + mask  # (nW, heads, N, N)
         return bias
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with an additive bias (window attention and carrier-token attention).
 
-    ``x: (B_, N, C)``; ``bias`` is ``(heads, N, N)`` shared by all sequences, or ``(nW, heads, N, N)`` per
-    window (B_ = B * nW, padding mask folded in).
+    ``x: (B_, N, C)``; ``bias`` is ``(1, heads, N, N)`` shared by all sequences, or ``(nW, heads, N, N)`` per
+    window (B_ = B * nW, padding mask folded in). The fused path calls ``F.scaled_dot_product_attention``
+    (a fused kernel on CPU and GPU for a 4-D float mask); the explicit path is kept for export
+    (``TIMM_FUSED_ATTN=0``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
@@ -190,17 +257,32 @@ class Attention(nn.Module):
         b_, n, c = x.shape
         qkv = self.qkv(x).view(b_, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, heads, N, d)
-        if bias.dim() == 4:  # per-window bias: view the batch as (B, nW) so the bias broadcasts over B
-            shape = (-1, bias.shape[0], self.num_heads, n, self.head_dim)
-            q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if bias.shape[0] > 1:  # per-window bias: batch b*nW + w takes window w's bias
+            n_windows = bias.shape[0]
+            bias = bias.unsqueeze(0).expand(b_ // n_windows, -1, -1, -1, -1).reshape(b_, self.num_heads, n, n)
         bias = bias.to(q.dtype)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias
             x = attn.softmax(dim=-1) @ v
-        x = x.reshape(b_, self.num_heads, n, self.head_dim).transpose(1, 2).reshape(b_, n, c)
+        x = x.transpose(1, 2).reshape(b_, n, c)
         return self.proj(x)
+
+
+@torch.no_grad()
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> None:
+    """Fold an inference BatchNorm into the conv before it (in place): ``bn(conv(x)) == conv'(x)``."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return  # already fused
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    new_bias = (bias - bn.running_mean) * scale + bn.bias
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias)
+    else:
+        conv.bias.copy_(new_bias)
 
 
 class Stem(nn.Module):
@@ -210,14 +292,21 @@ class Stem(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, stem_dim, 3, stride=2, padding=1, bias=False)
         self.norm1 = nn.BatchNorm2d(stem_dim, eps=1e-4)
-        self.act1 = nn.ReLU()
+        self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(stem_dim, dim, 3, stride=2, padding=1, bias=False)
         self.norm2 = nn.BatchNorm2d(dim, eps=1e-4)
-        self.act2 = nn.ReLU()
+        self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act1(self.norm1(self.conv1(x)))
         return self.act2(self.norm2(self.conv2(x)))
+
+    def fuse(self) -> Stem:
+        """Fold the BatchNorms into the convs for inference (timm ``reparameterize_model`` calls this)."""
+        fuse_conv_bn(self.conv1, self.norm1)
+        fuse_conv_bn(self.conv2, self.norm2)
+        self.norm1, self.norm2 = nn.Identity(), nn.Identity()
+        return self
 
 
 class Downsample(nn.Module):
@@ -246,7 +335,14 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
-        return x + self.drop_path(y)
+        return self.drop_path(y).add_(x)  # in place on the fresh branch output (nothing saved it)
+
+    def fuse(self) -> ConvBlock:
+        """Fold the BatchNorms into the convs for inference (timm ``reparameterize_model`` calls this)."""
+        fuse_conv_bn(self.conv1, self.norm1)
+        fuse_conv_bn(self.conv2, self.norm2)
+        self.norm1, self.norm2 = nn.Identity(), nn.Identity()
+        return self
 
 
 class ConvStage(nn.Module):
@@ -356,14 +452,13 @@ class HatBlock(nn.Module):
         t = t + self.drop_path(self.ct_ls_mlp(self.ct_mlp(self.ct_norm2(t))))
         return raster_to_carriers(t, nh, nw, ct)
 
-    def forward(
-        self, z: Tensor, t: Tensor | None, nh: int, nw: int, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """``z``: window tokens (B*nW, ws*ws, C); ``t``: carrier tokens (B, N_ct, C) or None.
-
-        ``mask``: additive key mask (nW, 1, 1, N) for padded positions, or None.
+    def forward(self, z: Tensor, t: Tensor | None, h: int, w: int) -> tuple[Tensor, Tensor | None]:
+        """``z``: window tokens (B*nW, ws*ws, C) of an ``h x w`` map padded to whole windows;
+        ``t``: carrier tokens (B, N_ct, C) window-major, or None for plain window attention.
         """
-        ws, n_windows = self.window_size, nh * nw
+        ws = self.window_size
+        nh, nw = -(-h // ws), -(-w // ws)
+        n_windows = nh * nw
         z = z + self.pos_embed(ws, ws)
         num_ct = 0
         if t is not None:
@@ -372,9 +467,7 @@ class HatBlock(nn.Module):
             u = torch.cat([t.reshape(-1, num_ct, z.shape[-1]), z], dim=1)  # carriers FIRST
         else:
             u = z
-        bias = self.attn.rel_pos(ws, ws, num_prefix=num_ct)
-        if mask is not None:
-            bias = bias.unsqueeze(0) + mask  # (nW, heads, N, N)
+        bias = self.attn.rel_pos(ws, ws, num_prefix=num_ct, map_size=(h, w))
         u = u + self._per_image_drop(self.ls_attn(self.attn(self.norm1(u), bias)), n_windows)
         u = u + self._per_image_drop(self.ls_mlp(self.mlp(self.norm2(u))), n_windows)
         if t is None:
@@ -441,17 +534,17 @@ class HatStage(nn.Module):
         nh, nw = -(-h // ws), -(-w // ws)
         use_hat = self.carrier_init is not None and nh * nw > 1
         t = self.carrier_init(x, nh, nw) if use_hat else None  # pooled from the real map only
-        x = F.pad(x, (0, nw * ws - w, 0, nh * ws - h))
-        num_ct = self.blocks[0].ct_size ** 2 if use_hat else 0
-        mask = window_key_mask(h, w, ws, num_ct, x.device, x.dtype)
+        padded = nh * ws != h or nw * ws != w
+        if padded:
+            x = F.pad(x, (0, nw * ws - w, 0, nh * ws - h))
         z = window_partition(x, ws)
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                z, t = torch.utils.checkpoint.checkpoint(blk, z, t, nh, nw, mask, use_reentrant=False)
+                z, t = torch.utils.checkpoint.checkpoint(blk, z, t, h, w, use_reentrant=False)
             else:
-                z, t = blk(z, t, nh, nw, mask)
+                z, t = blk(z, t, h, w)
         x = window_reverse(z, ws, nh * ws, nw * ws)
-        return x[:, :, :h, :w].contiguous() if (nh * ws != h or nw * ws != w) else x
+        return x[:, :, :h, :w].contiguous() if padded else x
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -594,6 +687,16 @@ class FasterViT(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
+
+    def fuse(self) -> FasterViT:
+        """Inference form: BatchNorms folded into the preceding convs (stem and conv stages), in place.
+
+        Outputs are unchanged up to fp32 rounding; the fused model is for inference only (no BN to train).
+        """
+        for m in self.modules():
+            if isinstance(m, (Stem, ConvBlock)):
+                m.fuse()
+        return self
 
     @torch.jit.ignore
     def load_pretrained(self, path: str, use_ema: bool = False) -> None:
