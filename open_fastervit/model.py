@@ -237,8 +237,8 @@ class Attention(nn.Module):
 
     ``x: (B_, N, C)``; ``bias`` is ``(1, heads, N, N)`` shared by all sequences, or ``(nW, heads, N, N)`` per
     window (B_ = B * nW, padding mask folded in). The fused path calls ``F.scaled_dot_product_attention``
-    (a fused kernel on CPU and GPU for a 4-D float mask); the explicit path is kept for export
-    (``TIMM_FUSED_ATTN=0``).
+    (a fused kernel on CPU and GPU for a 4-D float mask; on GPU also when training the bias); the explicit
+    path is kept for export (``TIMM_FUSED_ATTN=0``) and CPU training.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
@@ -261,7 +261,9 @@ class Attention(nn.Module):
             n_windows = bias.shape[0]
             bias = bias.unsqueeze(0).expand(b_ // n_windows, -1, -1, -1, -1).reshape(b_, self.num_heads, n, n)
         bias = bias.to(q.dtype)
-        if self.fused_attn:
+        # CPU SDPA kernels cannot differentiate a float mask and fall back to a slower math path: there (training
+        # the position MLPs) the explicit form is faster; everywhere else the fused kernel is.
+        if self.fused_attn and not (bias.requires_grad and q.device.type == "cpu"):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias

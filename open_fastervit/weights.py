@@ -22,6 +22,8 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

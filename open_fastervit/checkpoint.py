@@ -1,0 +1,72 @@
+"""Training checkpoints: the full resumable state of a run, written atomically, loaded safely.
+
+A training checkpoint (``last.pt``) is a dict of tensors and plain Python values in timm's layout
+(``state_dict``, ``state_dict_ema``, ``optimizer``, ``epoch``, ...), so ``open_fastervit.load_weights``
+and ``load_official_checkpoint`` read its weights and ``torch.load(weights_only=True)`` reads all of it.
+Besides the weights it holds the optimizer, grad scaler and lr scheduler states, the position in the
+epoch and the RNG states of Python, numpy and torch of every rank. Files are written to a temporary
+name and moved into place (``open_fastervit.weights.atomic_write``), so a run killed at any instant
+leaves the previous or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .convert import CheckpointError, load_checkpoint_file
+from .weights import atomic_write
+
+__all__ = ["CHECKPOINT_VERSION", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
+
+CHECKPOINT_VERSION = 1
+FORMAT = "open_fastervit.train"
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of Python, numpy and torch (CPU and every CUDA device) as tensors / plain types."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng``."""
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a training-state dict atomically with ``torch.save``; adds the format tag and version."""
+    payload = {"format": FORMAT, "version": CHECKPOINT_VERSION, **state}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a training checkpoint (a file, or a run folder holding ``last.pt``) with ``weights_only=True``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "last.pt"
+    state = load_checkpoint_file(path)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint written by `fastervit train`")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+    return state

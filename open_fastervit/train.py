@@ -1,0 +1,955 @@
+"""Training and fine-tuning of FasterViT (or any timm model) with the published recipe, on 1..N processes.
+
+``train(TrainConfig(...))`` is the API; ``fastervit train`` / ``python -m open_fastervit.train`` (also under
+``torchrun``) is a thin CLI over it whose options are generated from ``TrainConfig``. What is reused:
+timm for datasets, transforms, Mixup/CutMix, losses, optimizers (AdamW, LAMB, layer-wise lr decay),
+the per-iteration cosine schedule, ``ModelEmaV3`` and BatchNorm averaging; torch for DDP, AMP and
+``torch.compile``; tqdm, TensorBoard and matplotlib for progress and results. What timm lacks is here
+(MESA self-distillation in ``mesa.py``) or in ``data.py`` / ``checkpoint.py`` (exact resume).
+
+A run writes into ``output``: ``last.pt`` (resumable state, every epoch and every
+``checkpoint_steps`` optimizer steps), ``last.safetensors`` / ``last_ema.safetensors`` (weights),
+``best.safetensors`` (best top-1, of the EMA model when EMA is on), ``summary.csv``, ``curves.png``,
+``tb/`` (TensorBoard), ``config.json`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .data import (
+    DatasetError,
+    LoaderOptions,
+    SkipUnreadable,
+    build_eval_loader,
+    build_train_loader,
+    class_names,
+    describe_data,
+    ensure_randaugment_compat,
+    open_dataset,
+    shutdown_workers,
+)
+from .distributed import DistInfo, average_bn_stats, cleanup, init_distributed, rank_divergence, reduce_sums
+from .mesa import MesaLoss
+from .recipes import list_recipes, load_recipe
+
+__all__ = ["TrainConfig", "TrainingDiverged", "build_parser", "config_from_args", "main", "train"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _opt(default: Any, help_text: str) -> Any:
+    """A dataclass field with a CLI help text (mutable defaults get a factory)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field names are the recipe keys and (with ``-``) the CLI options."""
+
+    # model
+    model: str = _opt("fastervit_0", "timm model name")
+    model_kwargs: dict = _opt({}, "architecture overrides, e.g. dim, depths, window_size (CLI: JSON)")
+    num_classes: int | None = _opt(None, "classifier size; default: the number of classes in the train split")
+    drop_path: float | None = _opt(None, "stochastic depth rate; default: the architecture's")
+    pretrained: str | None = _opt(None, "fine-tune from own weights: .safetensors or a training checkpoint")
+    official_checkpoint: str | None = _opt(None, "fine-tune from an official .pth.tar checkpoint")
+    # data
+    data: str = _opt("", "ImageFolder root with train/ and val/, an image .tar, or a timm spec (hfds/..., wds/...)")
+    data_dir: str | None = _opt(None, "root folder for timm dataset specs")
+    train_split: str = _opt("train", "training split")
+    val_split: str = _opt("val", "validation split ('' to skip evaluation)")
+    img_size: int | None = _opt(None, "square input size; default: the model's pretrained cfg input size")
+    train_images: int = _opt(0, "train on a fixed random subset of this many images (0: all)")
+    val_images: int = _opt(0, "evaluate on a fixed random subset of this many images (0: all)")
+    workers: int = _opt(2, "data-loading processes per training process")
+    # schedule
+    epochs: int = _opt(300, "cosine schedule length in epochs (warmup included)")
+    cooldown_epochs: int = _opt(0, "extra epochs at min_lr after the cosine schedule")
+    warmup_epochs: int = _opt(20, "linear warmup epochs (from warmup_lr)")
+    batch_size: int = _opt(128, "images per process per micro-batch")
+    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step")
+    lr: float | None = _opt(None, "absolute learning rate; default: lr_base * global_batch / lr_base_size")
+    lr_base: float = _opt(5e-3, "learning rate at global batch lr_base_size (linear scaling)")
+    lr_base_size: int = _opt(4096, "global batch of lr_base")
+    min_lr: float = _opt(5e-6, "final learning rate of the cosine")
+    warmup_lr: float = _opt(1e-6, "learning rate at the start of warmup")
+    sched: str = _opt("cosine", "timm scheduler name, stepped every optimizer step")
+    # optimizer
+    opt: str = _opt("adamw", "timm optimizer name (adamw, lamb, sgd, ...)")
+    weight_decay: float = _opt(0.05, "weight decay (not applied to biases, norms, layer scales)")
+    opt_betas: list | None = _opt(None, "optimizer betas, e.g. 0.9 0.999")
+    opt_eps: float | None = _opt(None, "optimizer epsilon")
+    momentum: float = _opt(0.9, "momentum for SGD-like optimizers")
+    clip_grad: float | None = _opt(5.0, "gradient clipping value (None: off)")
+    clip_mode: str = _opt("norm", "gradient clipping mode: norm, value or agc")
+    layer_decay: float | None = _opt(None, "layer-wise lr decay for fine-tuning, e.g. 0.8")
+    # augmentation and regularisation
+    smoothing: float = _opt(0.1, "label smoothing")
+    mixup: float = _opt(0.8, "mixup alpha (0: off)")
+    cutmix: float = _opt(1.0, "cutmix alpha (0: off)")
+    mixup_prob: float = _opt(1.0, "probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup")
+    mixup_off_epoch: int = _opt(0, "turn mixup/cutmix off from this epoch (0: never)")
+    aa: str | None = _opt("rand-m9-mstd0.5-inc1", "timm auto-augment spec (RandAugment); None: off")
+    reprob: float = _opt(0.25, "random erasing probability")
+    remode: str = _opt("pixel", "random erasing mode")
+    recount: int = _opt(1, "random erasing count")
+    scale: list = _opt([0.08, 1.0], "RandomResizedCrop scale range")
+    ratio: list = _opt([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
+    hflip: float = _opt(0.5, "horizontal flip probability")
+    color_jitter: float = _opt(0.4, "color jitter (used when aa is off)")
+    train_interpolation: str = _opt("random", "train resize interpolation ('' : the model's)")
+    augment: bool = _opt(True, "training augmentation (off: resize + center crop only, as for evaluation)")
+    # EMA and MESA
+    model_ema: bool = _opt(True, "keep an EMA of the weights (model selection by EMA top-1)")
+    ema_decay: float = _opt(0.9998, "EMA decay per optimizer step")
+    ema_warmup: bool = _opt(False, "EMA decay warmup (timm ModelEmaV3)")
+    mesa: float = _opt(0.0, "MESA self-distillation coefficient (0: off; needs model_ema)")
+    mesa_start: float = _opt(0.25, "fraction of training after which MESA starts")
+    # speed
+    amp: str = _opt("none", "mixed precision: none, bf16 or fp16 (with a grad scaler)")
+    channels_last: bool = _opt(False, "channels_last memory format")
+    grad_checkpointing: bool = _opt(False, "activation checkpointing (less memory, more compute)")
+    compile: bool = _opt(False, "torch.compile the model")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across ranks (GPU only)")
+    device: str | None = _opt(None, "cuda or cpu; default: cuda when available")
+    threads: int = _opt(0, "CPU compute threads (0: auto, the CPUs left after the loader workers; "
+                           "OMP_NUM_THREADS wins)")
+    # run
+    output: str = _opt("runs/train", "output folder")
+    resume: str | None = _opt(None, "resume from a training checkpoint (file or run folder)")
+    checkpoint_steps: int = _opt(0, "also write last.pt every N optimizer steps (0: per epoch only)")
+    eval_every: int = _opt(1, "evaluate every N epochs (and after the last)")
+    log_interval: int = _opt(20, "optimizer steps between progress/TensorBoard updates and NaN checks")
+    seed: int = _opt(0, "random seed")
+    deterministic: bool = _opt(False, "deterministic algorithms (with workers=0: bit-exact resume)")
+    tensorboard: bool = _opt(True, "write TensorBoard logs to OUTPUT/tb")
+    progress: bool = _opt(True, "show a tqdm progress bar")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.cooldown_epochs
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+# ---- set-up ---------------------------------------------------------------------------------------------------
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """Errors for arguments that cannot work, before anything is built."""
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "accum_steps": cfg.accum_steps,
+                "lr_base_size": cfg.lr_base_size, "log_interval": cfg.log_interval, "eval_every": cfg.eval_every}
+    bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+    non_negative = {"workers": cfg.workers, "warmup_epochs": cfg.warmup_epochs, "cooldown_epochs": cfg.cooldown_epochs,
+                    "checkpoint_steps": cfg.checkpoint_steps, "mesa": cfg.mesa, "train_images": cfg.train_images}
+    bad += [f"{k}={v}" for k, v in non_negative.items() if v < 0]
+    if bad:
+        raise ValueError(f"invalid training arguments: {', '.join(bad)}")
+    if cfg.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {cfg.amp!r}")
+    if cfg.mesa > 0 and not cfg.model_ema:
+        raise ValueError("MESA distils from the EMA model: set model_ema=True or mesa=0")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ValueError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
+    if cfg.pretrained and cfg.official_checkpoint:
+        raise ValueError("give either pretrained (own weights) or official_checkpoint, not both")
+
+
+def global_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Images per optimizer step over all processes."""
+    return cfg.batch_size * cfg.accum_steps * world_size
+
+
+def effective_lr(cfg: TrainConfig, world_size: int) -> float:
+    """``cfg.lr`` if given, else the recipe lr scaled linearly: lr_base * global_batch / lr_base_size."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return cfg.lr_base * global_batch(cfg, world_size) / cfg.lr_base_size
+
+
+def cpu_threads(cfg: TrainConfig) -> int:
+    """Intra-op threads for CPU training: ``cfg.threads``, else the CPUs this process may use minus its
+    loader workers (at least 1). Oversubscribed OpenMP threads stall each other badly on small machines."""
+    if cfg.threads > 0:
+        return cfg.threads
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, per_process - cfg.workers)
+
+
+def create_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """timm optimizer (AdamW, LAMB, ...) without weight decay on biases, norms and ``no_weight_decay()``
+    parameters (layer scales), with layer-wise lr decay through the model's ``group_matcher`` if asked."""
+    from timm.optim import create_optimizer_v2
+
+    extra: dict[str, Any] = {}
+    if cfg.opt_betas:
+        extra["betas"] = tuple(cfg.opt_betas)
+    if cfg.opt_eps is not None:
+        extra["eps"] = cfg.opt_eps
+    return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                               filter_bias_and_bn=True, layer_decay=cfg.layer_decay, **extra)
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> tuple[Any, int]:
+    """timm lr schedule stepped every optimizer step: linear warmup from ``warmup_lr``, cosine to ``min_lr``
+    over ``epochs``, then ``cooldown_epochs`` at ``min_lr``. Returns (scheduler, total epochs)."""
+    from timm.scheduler import create_scheduler_v2
+
+    return create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, cooldown_epochs=cfg.cooldown_epochs, min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _log(info: DistInfo, message: str) -> None:
+    if info.is_primary:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+
+def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
+    """The model with its initial weights; returns it and the list of re-initialised classifier keys."""
+    import timm
+
+    from .convert import extract_state_dict, load_checkpoint_file, load_official_checkpoint, load_official_state_dict
+
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    try:
+        model = timm.create_model(cfg.model, num_classes=num_classes, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"unknown model {cfg.model!r}; FasterViT models: `fastervit models`") from None
+        raise
+    except TypeError as err:
+        raise ValueError(f"{cfg.model} does not accept model_kwargs {kwargs}: {err}") from None
+    if cfg.official_checkpoint:  # the official weights (state_dict), converted; a head of another size is reset
+        return model, load_official_checkpoint(model, cfg.official_checkpoint)["reinitialized"]
+    if not cfg.pretrained:
+        return model, []
+    checkpoint = load_checkpoint_file(cfg.pretrained)  # ours: safetensors or a training checkpoint (EMA first)
+    has_ema = isinstance(checkpoint.get("state_dict_ema"), dict) and bool(checkpoint["state_dict_ema"])
+    state = extract_state_dict(checkpoint, use_ema=has_ema)
+    return model, load_official_state_dict(model, state)["reinitialized"]
+
+
+def _transforms(cfg: TrainConfig, model: nn.Module) -> tuple[Any, Any, dict]:
+    """timm train / eval transforms from the model's pretrained cfg (size overridden by img_size)."""
+    from timm.data import create_transform, resolve_data_config
+
+    ensure_randaugment_compat()
+    data_cfg = resolve_data_config({"img_size": cfg.img_size} if cfg.img_size else {}, model=model)
+    interpolation = cfg.train_interpolation or data_cfg["interpolation"]
+    train_tf = create_transform(
+        data_cfg["input_size"], is_training=True, no_aug=not cfg.augment, scale=tuple(cfg.scale),
+        ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None,
+        interpolation=interpolation,
+        mean=data_cfg["mean"], std=data_cfg["std"], re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
+    )
+    eval_tf = create_transform(
+        data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
+        std=data_cfg["std"], crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg.get("crop_mode"),
+    )
+    return train_tf, eval_tf, data_cfg
+
+
+def _subset(size: int, count: int, seed: int) -> list[int] | None:
+    """A fixed random subset of ``count`` indices (sorted), or None for all."""
+    if not count or count >= size:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
+
+
+def _open_data(cfg: TrainConfig) -> tuple[Any, Any]:
+    """Train and (optional) val datasets, checked to agree on their classes."""
+    train_set = open_dataset(cfg.data, cfg.train_split, is_training=True, data_dir=cfg.data_dir, seed=cfg.seed,
+                             batch_size=cfg.batch_size)
+    val_set = None
+    if cfg.val_split:
+        val_set = open_dataset(cfg.data, cfg.val_split, is_training=False, data_dir=cfg.data_dir,
+                               batch_size=cfg.batch_size)
+        train_names, val_names = class_names(train_set), class_names(val_set)
+        if train_names and val_names and train_names != val_names:
+            raise DatasetError(
+                f"the {cfg.train_split!r} and {cfg.val_split!r} splits have different classes "
+                f"({len(train_names)} vs {len(val_names)}; first differences "
+                f"{sorted(set(train_names) ^ set(val_names))[:5]})"
+            )
+    return train_set, val_set
+
+
+def _num_classes(cfg: TrainConfig, train_set: Any) -> int:
+    names = class_names(train_set)
+    if cfg.num_classes is None:
+        if names is None:
+            raise DatasetError("cannot infer the number of classes from this dataset; pass num_classes")
+        return len(names)
+    if names is not None and len(names) > cfg.num_classes:
+        raise DatasetError(f"the train split has {len(names)} classes but num_classes={cfg.num_classes}")
+    return cfg.num_classes
+
+
+def _check_sample(dataset: Any, transform: Any, in_chans: int) -> None:
+    """Decode one training image through the transform: a clear error for mis-shaped data."""
+    if not hasattr(dataset, "__getitem__"):
+        return
+    dataset.transform = transform
+    image, target = dataset[0][:2]
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != in_chans:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise DatasetError(f"training samples decode to {shape}; expected ({in_chans}, H, W) images")
+    if not isinstance(target, int) or target < 0:
+        raise DatasetError(f"training targets must be class indices >= 0, got {target!r}")
+
+
+def _unused_parameters(model: nn.Module, input_size: tuple[int, ...], device: torch.device) -> list[str]:
+    """Parameters that receive no gradient at this input size (one eval-mode pass, no RNG, no BN update).
+
+    An any-resolution FasterViT leaves the carrier-token weights of a stage unused when its map holds a
+    single window; DDP must be told (``find_unused_parameters``) or it waits for their gradients forever.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, *input_size, device=device)).float().sum().backward()
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return unused
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+
+
+def write_summary_csv(history: list[dict[str, Any]], path: Path) -> None:
+    """One row per epoch (columns: the union of the rows' keys, in first-seen order), written atomically."""
+    from .weights import atomic_write
+
+    columns = list(dict.fromkeys(key for row in history for key in row))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)
+
+
+def plot_curves(history: list[dict[str, Any]], curve: list[list[float]], steps_per_epoch: int, path: Path) -> None:
+    """PNG of the training curves with matplotlib's Agg backend: loss, top-1 and lr against epochs.
+
+    Train loss and lr are drawn per logging interval (``curve``), validation metrics per epoch.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axis, top1_axis, lr_axis = figure.subplots(1, 3)
+    if curve:
+        steps, losses, lrs = zip(*curve)
+        epochs = [step / max(steps_per_epoch, 1) for step in steps]
+        loss_axis.plot(epochs, losses, label="train loss", linewidth=1)
+        lr_axis.plot(epochs, lrs, label="lr", linewidth=1)
+    series = [(loss_axis, "loss", "val loss"), (loss_axis, "ema_loss", "EMA val loss"),
+              (top1_axis, "top1", "top-1"), (top1_axis, "ema_top1", "EMA top-1")]
+    for axis, key, label in series:
+        points = [(row["epoch"], row[key]) for row in history if key in row]
+        if points:
+            axis.plot(*zip(*points), marker="o", markersize=3, label=label)
+    for axis, title in ((loss_axis, "loss"), (top1_axis, "top-1 (%)"), (lr_axis, "learning rate")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """Position in training, saved in every checkpoint."""
+
+    epoch: int = 0  # current (0-based) epoch
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    best_top1: float = -math.inf
+    best_epoch: int = -1
+    loss_sum: float = 0.0  # running sums of the current epoch (for the CSV)
+    loss_count: int = 0
+    history: list = field(default_factory=list)  # one dict per epoch (summary.csv)
+    curve: list = field(default_factory=list)  # [global_step, train loss, lr] every log_interval steps
+
+
+class _Trainer:
+    """One training run: built from a config, then ``fit()``."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.out = Path(cfg.output)
+        self.started = time.perf_counter()
+        self.progress = _Progress()
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=info.device)  # any NaN/inf loss unchecked
+        self._setup_determinism()
+        self._setup_data_and_model()
+        self._setup_optimization()
+        self.resumed_from: str | None = None
+        if cfg.resume:
+            self._resume(cfg.resume)
+        if info.is_primary:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        self.writer = self._tensorboard()
+
+    # -- set-up
+
+    def _setup_determinism(self) -> None:
+        cfg = self.cfg
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.amp = cfg.amp
+        if self.amp == "fp16" and self.device.type != "cuda":
+            _log(self.info, "note: fp16 AMP needs a GPU; training in float32 on CPU (use --amp bf16 to try bf16)")
+            self.amp = "none"
+        self.amp_dtype = AMP_DTYPES[self.amp]
+
+    def _setup_data_and_model(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.train_set, self.val_set = _open_data(cfg)
+        self.num_classes = _num_classes(cfg, self.train_set)
+        _seed_everything(cfg.seed)  # same initial weights on every rank
+        model, self.reinitialised = _create_model(cfg, self.num_classes)
+        if self.reinitialised:
+            _log(info, f"classifier {', '.join(self.reinitialised)} re-initialised for {self.num_classes} classes")
+        train_tf, eval_tf, self.data_cfg = _transforms(cfg, model)
+        _check_sample(self.train_set, train_tf, self.data_cfg["input_size"][0])
+        self._build_loaders(train_tf, eval_tf)
+        self.model = self._place_model(model)
+        self.ema = None
+        if cfg.model_ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+        self.train_model = self._wrap_model(self.model)
+        _seed_everything(cfg.seed + info.rank)  # per-rank augmentation / drop-path randomness
+
+    def _build_loaders(self, train_tf: Any, eval_tf: Any) -> None:
+        cfg, info = self.cfg, self.info
+        options = LoaderOptions(workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        self.train_loader = build_train_loader(
+            self.train_set, train_tf, cfg.batch_size, options, world_size=info.world_size, rank=info.rank,
+            accum_steps=cfg.accum_steps, seed=cfg.seed,
+            indices=_subset(len(self.train_set) if hasattr(self.train_set, "__len__") else 0, cfg.train_images,
+                            cfg.seed),
+        )
+        self.steps_per_epoch = self.train_loader.steps_per_epoch
+        self.val_loader = None
+        if self.val_set is not None:
+            size = len(self.val_set) if hasattr(self.val_set, "__len__") else 0
+            self.val_loader = build_eval_loader(
+                self.val_set, eval_tf, cfg.batch_size, options, world_size=info.world_size, rank=info.rank,
+                indices=_subset(size, cfg.val_images, cfg.seed),
+            )
+
+    def _place_model(self, model: nn.Module) -> nn.Module:
+        cfg = self.cfg
+        if cfg.sync_bn and self.info.distributed:
+            if self.device.type != "cuda":
+                raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        """DDP and/or torch.compile around the model (EMA, eval and checkpoints use the bare model)."""
+        wrapped = model
+        if self.info.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            unused = _unused_parameters(model, self.data_cfg["input_size"], self.device)
+            if unused:
+                _log(self.info, f"{len(unused)} parameter tensors get no gradient at input size "
+                                f"{tuple(self.data_cfg['input_size'])} (e.g. {unused[0]}); DDP will skip them")
+            wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(unused))
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _setup_optimization(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.global_batch = global_batch(cfg, info.world_size)
+        self.lr = effective_lr(cfg, info.world_size)
+        self.optimizer = create_optimizer(self.model, cfg, self.lr)
+        self.scheduler, self.num_epochs = create_schedule(self.optimizer, cfg, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.mixup = self._mixup()
+        self.criterion = MesaLoss(self._task_loss(), cfg.mesa)
+        self.mesa_start_epoch = int(cfg.mesa_start * self.num_epochs) if cfg.mesa > 0 else None
+        _log(info, f"training {cfg.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+                   f"{self.num_classes} classes) on {describe_data(cfg.data)}: {info.world_size} process(es) x "
+                   f"batch {cfg.batch_size} x accum {cfg.accum_steps} = global batch {self.global_batch}, "
+                   f"lr {self.lr:.3g}, {self.steps_per_epoch} steps/epoch, {self.num_epochs} epochs, "
+                   f"input {tuple(self.data_cfg['input_size'])}, device {self.device}"
+                   + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""))
+
+    def _mixup(self) -> Any:
+        cfg = self.cfg
+        if cfg.mixup <= 0 and cfg.cutmix <= 0:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                     switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=self.num_classes)
+
+    def _task_loss(self) -> nn.Module:
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        if self.mixup is not None:
+            return SoftTargetCrossEntropy()
+        if self.cfg.smoothing > 0:
+            return LabelSmoothingCrossEntropy(smoothing=self.cfg.smoothing)
+        return nn.CrossEntropyLoss()
+
+    def _tensorboard(self) -> Any:
+        if not (self.cfg.tensorboard and self.info.is_primary):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.out / "tb"), purge_step=self.progress.global_step or None)
+
+    # -- checkpoints
+
+    def _state(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "arch": self.cfg.model,
+            "state_dict": self.model.state_dict(),
+            "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": asdict(p),
+            "global_batch": self.global_batch,
+            "world_size": self.info.world_size,
+            "config": asdict(self.cfg),
+            "epoch": p.epoch,
+        }
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        """RNG state of every rank (rank order), for exact resume."""
+        state = capture_rng()
+        if not self.info.distributed:
+            return [state]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self) -> None:
+        """Write ``last.pt`` (all ranks take part in gathering RNG; rank 0 writes)."""
+        self._raise_if_diverged()
+        rng = self._gather_rng()
+        if self.info.is_primary:
+            save_checkpoint(self.out / "last.pt", {**self._state(), "rng": rng})
+
+    def _save_weights(self, name: str, model: nn.Module) -> str:
+        from .weights import save_weights
+
+        path = self.out / name
+        if self.info.is_primary:
+            save_weights(model, path, metadata={"epoch": str(self.progress.epoch)})
+        return str(path)
+
+    def _resume(self, source: str) -> None:
+        state = load_checkpoint(source)
+        self.model.load_state_dict(state["state_dict"])
+        if self.ema is not None:
+            if state.get("state_dict_ema") is None:
+                raise ValueError(f"{source} has no EMA weights but model_ema is on")
+            self.ema.module.load_state_dict(state["state_dict_ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = _Progress(**state["progress"])
+        if self.progress.step_in_epoch and state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"{source} stopped mid-epoch with global batch {state['global_batch']}; resume with the same "
+                f"global batch (now {self.global_batch}) so the data order continues"
+            )
+        rng = state["rng"]
+        if len(rng) == self.info.world_size:
+            restore_rng(rng[self.info.rank])
+        else:
+            _log(self.info, f"note: checkpoint from {len(rng)} process(es); RNG re-seeded for {self.info.world_size}")
+            _seed_everything(self.cfg.seed + self.info.rank + self.progress.global_step)
+        self.resumed_from = str(source)
+        _log(self.info, f"resumed from {source}: epoch {self.progress.epoch + 1}, step {self.progress.step_in_epoch}"
+                        f"/{self.steps_per_epoch}, global step {self.progress.global_step}")
+
+    # -- training
+
+    def _raise_if_diverged(self) -> None:
+        """Stop on a non-finite loss seen on any rank since the last check (never saving diverged weights).
+
+        Every rank calls this at the same points (log steps, checkpoints, epoch ends), so all stop together.
+        """
+        if reduce_sums([float(self.nonfinite)], self.info)[0] > 0:
+            p = self.progress
+            raise TrainingDiverged(
+                f"the loss became NaN/inf in epoch {p.epoch + 1}, by optimizer step {p.global_step} (lr "
+                f"{self._current_lr():.3g}); training stopped. The last good checkpoint is {self.out / 'last.pt'}: "
+                "resume from it with a lower lr, a longer warmup, gradient clipping, or bf16 instead of fp16"
+            )
+
+    def _current_lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def _forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.train_model(images)
+            teacher = None
+            if self.criterion.active:
+                with torch.no_grad():
+                    teacher = self.ema.module(images)
+            return self.criterion(logits, targets, teacher)
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg
+        if cfg.clip_grad:
+            from timm.utils import dispatch_clip_grad
+
+            self.scaler.unscale_(self.optimizer)
+            dispatch_clip_grad(self.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.global_step += 1
+        self.progress.step_in_epoch += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.global_step)
+        self.scheduler.step_update(num_updates=self.progress.global_step)
+
+    def _batches(self, epoch: int) -> Any:
+        """This epoch's micro-batches from the resume position, moved to the device."""
+        start = self.progress.step_in_epoch * self.cfg.accum_steps
+        memory = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        for images, targets, *_ in self.train_loader.epoch(epoch, start):
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory)
+            yield images, targets.to(self.device, non_blocking=True)
+
+    def train_epoch(self, epoch: int) -> None:
+        from tqdm import tqdm
+
+        cfg, p = self.cfg, self.progress
+        self.train_model.train()
+        if self.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+            self.mixup.mixup_enabled = False
+        self.criterion.active = self.mesa_start_epoch is not None and epoch >= self.mesa_start_epoch
+        bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
+                   unit="step", disable=not (cfg.progress and self.info.is_primary), dynamic_ncols=True, leave=True)
+        running = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count since last log
+        tick, tick_step = time.perf_counter(), p.global_step
+        for micro, (images, targets) in enumerate(self._batches(epoch)):
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            last_micro = (micro + 1) % cfg.accum_steps == 0
+            sync = nullcontext() if last_micro or not self.info.distributed else self.train_model.no_sync()
+            with sync:
+                loss = self._forward_loss(images, targets)
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+            loss = loss.detach()
+            self.nonfinite |= ~torch.isfinite(loss)
+            running += torch.stack([loss.double().nan_to_num(0.0), torch.ones((), dtype=torch.float64,
+                                                                              device=self.device)])
+            if not last_micro:
+                continue
+            self._optimizer_step()
+            bar.update(1)
+            logged = p.global_step % cfg.log_interval == 0 or p.step_in_epoch == self.steps_per_epoch
+            if logged:
+                tick, tick_step = self._log_step(bar, running, tick, tick_step)
+                running.zero_()
+            if cfg.checkpoint_steps and p.global_step % cfg.checkpoint_steps == 0 and \
+                    p.step_in_epoch < self.steps_per_epoch:
+                self.save()
+        bar.close()
+
+    def _log_step(self, bar: Any, running: torch.Tensor, tick: float, tick_step: int) -> tuple[float, int]:
+        """Progress bar, TensorBoard and the NaN check, every ``log_interval`` optimizer steps."""
+        self._raise_if_diverged()
+        p = self.progress
+        loss_sum, count = reduce_sums(running.tolist(), self.info)
+        p.loss_sum += loss_sum
+        p.loss_count += int(count)
+        now = time.perf_counter()
+        images_per_s = (p.global_step - tick_step) * self.global_batch / max(now - tick, 1e-9)
+        loss, lr = loss_sum / max(count, 1), self._current_lr()
+        p.curve.append([p.global_step, loss, lr])
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}", refresh=False)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, p.global_step)
+            self.writer.add_scalar("train/lr", lr, p.global_step)
+            self.writer.add_scalar("train/images_per_s", images_per_s, p.global_step)
+        return now, p.global_step
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Top-1/top-5/loss on the val split, each rank on its shard, reduced over ranks."""
+        from .validate import evaluate
+
+        local = evaluate(model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype)
+        n = local["count"]
+        top1, top5, loss, count = reduce_sums([local["top1"] * n, local["top5"] * n, local["loss"] * n, n], self.info)
+        return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, "count": int(count)}
+
+    def end_epoch(self, epoch: int, epoch_seconds: float, images: int) -> dict[str, Any]:
+        """BN averaging, evaluation, history row, checkpoints."""
+        p = self.progress
+        average_bn_stats(self.model, self.info)
+        if self.ema is not None:
+            average_bn_stats(self.ema.module, self.info)
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": p.loss_sum / max(p.loss_count, 1),
+                               "lr": self._current_lr(), "seconds": epoch_seconds,
+                               "images_per_s": images / max(epoch_seconds, 1e-9)}
+        last = epoch + 1 == self.num_epochs
+        if self.val_loader is not None and ((epoch + 1) % self.cfg.eval_every == 0 or last):
+            row.update(self.evaluate(self.model))
+            if self.ema is not None:
+                row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items() if k != "count"})
+        row["skipped_images"] = self._skipped_count()
+        p.history.append(row)
+        score = row.get("ema_top1" if self.ema is not None else "top1", math.nan)
+        selected = self.ema.module if self.ema is not None else self.model
+        if math.isnan(score) and self.val_loader is None:
+            score = -row["train_loss"]  # no val split: keep the latest weights as "best"
+        p.epoch, p.step_in_epoch, p.loss_sum, p.loss_count = epoch + 1, 0, 0.0, 0
+        if not math.isnan(score) and score > p.best_top1:
+            p.best_top1, p.best_epoch = score, epoch + 1
+            self._save_weights("best.safetensors", selected)
+        self._save_weights("last.safetensors", self.model)
+        if self.ema is not None:
+            self._save_weights("last_ema.safetensors", self.ema.module)
+        self.save()
+        self._report_epoch(row)
+        return row
+
+    def _skipped_count(self) -> int:
+        local = float(self.train_set.bad.sum()) if isinstance(self.train_set, SkipUnreadable) else 0.0
+        return int(reduce_sums([local], self.info)[0])
+
+    def _report_epoch(self, row: dict[str, Any]) -> None:
+        if not self.info.is_primary:
+            return
+        parts = [f"epoch {row['epoch']}/{self.num_epochs}: train loss {row['train_loss']:.4f}"]
+        if "top1" in row:
+            parts.append(f"top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}")
+        if "ema_top1" in row:
+            parts.append(f"EMA top-1 {row['ema_top1']:.2f}")
+        parts.append(f"{row['images_per_s']:.0f} img/s")
+        _log(self.info, ", ".join(parts))
+        if row["skipped_images"]:
+            names = self.train_set.skipped()[:5] if isinstance(self.train_set, SkipUnreadable) else []
+            _log(self.info, f"warning: skipped {row['skipped_images']} unreadable training images, e.g. {names}")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "count") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"epoch/{key}", value, row["epoch"])
+            self.writer.flush()
+        write_summary_csv(self.progress.history, self.out / "summary.csv")
+
+    def fit(self) -> dict[str, Any]:
+        p = self.progress
+        try:
+            while p.epoch < self.num_epochs:
+                epoch, start_step, started = p.epoch, p.step_in_epoch, time.perf_counter()
+                self.train_epoch(epoch)
+                self._raise_if_diverged()
+                images = (self.steps_per_epoch - start_step) * self.global_batch
+                self.end_epoch(epoch, time.perf_counter() - started, images)
+        finally:  # loader workers stop now, not at some later garbage collection
+            shutdown_workers(self.train_loader)
+            shutdown_workers(self.val_loader)
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        p = self.progress
+        divergence = rank_divergence(self.model, self.info)
+        curves = self.out / "curves.png"
+        if self.info.is_primary:
+            plot_curves(p.history, p.curve, self.steps_per_epoch, curves)
+            if self.writer is not None:
+                self.writer.close()
+        final = p.history[-1] if p.history else {}
+        result = {
+            "best_top1": p.best_top1 if math.isfinite(p.best_top1) else math.nan,
+            "best_epoch": p.best_epoch,
+            "final_top1": final.get("ema_top1" if self.ema is not None else "top1", math.nan),
+            "final": final,
+            "best_checkpoint": str(self.out / "best.safetensors"),
+            "last_checkpoint": str(self.out / "last.safetensors"),
+            "ema_checkpoint": str(self.out / "last_ema.safetensors") if self.ema is not None else None,
+            "resume_checkpoint": str(self.out / "last.pt"),
+            "summary_csv": str(self.out / "summary.csv"),
+            "curves_png": str(curves),
+            "tensorboard": str(self.out / "tb") if self.writer is not None else None,
+            "seconds": time.perf_counter() - self.started,
+            "epochs": self.num_epochs,
+            "global_step": p.global_step,
+            "global_batch": self.global_batch,
+            "lr": self.lr,
+            "world_size": self.info.world_size,
+            "rank_divergence": divergence,
+            "skipped_images": self._skipped_count(),
+            "head_reinitialised": self.reinitialised,
+            "resumed_from": self.resumed_from,
+        }
+        if self.info.is_primary:
+            (self.out / "results.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or fine-tune / resume) as configured; returns the result summary (also in results.json).
+
+    Runs under ``torchrun`` as one DDP rank per process. Raises ``DatasetError`` / ``ValueError`` /
+    ``CheckpointError`` before training for bad data or arguments, ``TrainingDiverged`` on a NaN loss.
+    """
+    _check_config(cfg)
+    info = init_distributed(cfg.device)
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    if info.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg))
+    ok = False
+    try:
+        result = _Trainer(cfg, info).fit()
+        ok = True
+        return result
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+        cleanup(info, barrier=ok)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+
+def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse ``type`` and extra kwargs for a TrainConfig annotation."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if base is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if base is dict:
+        return json.loads, {"metavar": "JSON"}
+    if base is list:
+        return float, {"nargs": "+"}
+    if optional:
+        return (lambda text: None if text.lower() == "none" else base(text)), {"metavar": base.__name__.upper()}
+    return base, {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastervit train`` parser: one option per ``TrainConfig`` field, plus ``--recipe``."""
+    parser = argparse.ArgumentParser(
+        prog="fastervit train",
+        description="Train or fine-tune FasterViT with the published recipe (DDP under torchrun). "
+        "Options override the recipe, which overrides the defaults. Example: fastervit train --recipe "
+        "fastervit_0_in1k --data /data/imagenet --batch-size 128; fine-tune: fastervit train --data PATH "
+        "--official-checkpoint fastervit_0_224_1k.pth.tar --lr 1e-4 --layer-decay 0.8 --epochs 30.",
+    )
+    parser.add_argument("--recipe", default=None,
+                        help=f"recipe name or YAML file; shipped: {', '.join(list_recipes())}")
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        kind, extra = _arg_type(hints[item.name])
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        options = {"type": kind} if kind is not None else {}
+        text = item.metadata.get("help", "")
+        text = text if "default" in text else f"{text} (default: {default})"
+        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS,
+                            help=text, **options, **extra)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from defaults < recipe < command-line options."""
+    args = vars(build_parser().parse_args(argv))
+    recipe = args.pop("recipe", None)
+    settings = load_recipe(recipe) if recipe else {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"recipe {recipe!r} has unknown keys {unknown}")
+    return TrainConfig(**{**settings, **args})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fastervit train``: returns 0 on success, 1 with a one-line message on a data/argument/NaN error."""
+    from .convert import CheckpointError
+
+    try:
+        cfg = config_from_args(argv)
+        result = train(cfg)
+    except (DatasetError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as err:
+        print(f"fastervit train: error: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "final"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
