@@ -75,6 +75,10 @@ def load_checkpoint_file(path: str | Path) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # zip (torch.save) or legacy pickle
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (no zip or pickle header)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)

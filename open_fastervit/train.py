@@ -609,7 +609,15 @@ class _Trainer:
 
         path = self.out / name
         if self.info.is_primary:
-            save_weights(model, path, metadata={"epoch": str(self.progress.epoch)})
+            meta: dict[str, Any] = {"epoch": str(self.progress.epoch), "architecture": self.cfg.model}
+            if self.cfg.model_kwargs:
+                meta["model_kwargs"] = dict(self.cfg.model_kwargs)
+            if self.cfg.img_size:
+                meta["img_size"] = str(self.cfg.img_size)
+            names = class_names(self.train_set)
+            if names:
+                meta["class_names"] = list(names)
+            save_weights(model, path, metadata=meta)
         return str(path)
 
     def _resume(self, source: str) -> None:

@@ -118,6 +118,10 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_official("fastervit_0", bad, **SMALL)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"hello, not a checkpoint")
+    with pytest.raises(CheckpointError, match="no zip or pickle header"):
+        load_official("fastervit_0", junk, **SMALL)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_official("fastervit_0", tmp_path / "nope.pth.tar", **SMALL)
     bad_st = tmp_path / "broken.safetensors"

@@ -1,0 +1,173 @@
+"""Classify images and report the top-k labels (``fastervit predict``).
+
+Labels come from, in order: names given by the caller (a list, a text file with one name per line,
+or a dataset folder), the ``class_names`` stored in the checkpoint, timm's ``ImageNetInfo`` when the
+model has 1000 outputs, else the class index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+from timm.data.readers.img_extensions import get_img_extensions
+
+from open_fastervit.labels import IMAGENET_1K, class_names_of, imagenet_class_names, open_eval_dataset
+from open_fastervit.validate import add_model_args, data_config_for, default_device, load_model
+
+__all__ = ["Prediction", "load_image", "predict", "resolve_class_names"]
+
+
+class ImageReadError(ValueError):
+    """An input image is missing, unreadable or not an image; the message names the file."""
+
+
+@dataclass
+class Prediction:
+    """Top-k result for one image: parallel lists of class indices, names and probabilities."""
+
+    image: str
+    indices: list[int]
+    labels: list[str]
+    probs: list[float]
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open ``path`` as an RGB image, decoding it fully so corrupt files fail here, naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as e:
+        raise ImageReadError(f"{path}: no such file") from e
+    except UnidentifiedImageError as e:
+        raise ImageReadError(f"{path}: not a readable image (unknown or corrupt format)") from e
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot decode image ({e})") from e
+
+
+def expand_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders replaced by the image files they hold (sorted)."""
+    extensions = set(get_img_extensions(as_set=True))
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in extensions))
+        else:
+            out.append(p)
+    if not out:
+        raise ImageReadError(f"no images found in {[str(p) for p in paths]}")
+    return out
+
+
+def resolve_class_names(
+    num_classes: int,
+    classes: str | Path | Sequence[str] | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Names for the model's ``num_classes`` outputs (see the module docstring for the order tried)."""
+    names: Sequence[str] | None = None
+    if isinstance(classes, (str, Path)):
+        path = Path(classes)
+        if path.is_dir():
+            names = class_names_of(open_eval_dataset(path, split="train"))
+        elif path.is_file():
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            raise FileNotFoundError(f"class names {path}: no such file or folder")
+    elif classes is not None:
+        names = list(classes)
+    elif info and info.get("class_names"):
+        names = list(info["class_names"])
+    elif num_classes == IMAGENET_1K:
+        names = imagenet_class_names()
+    if names is None:
+        return [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names given for a model with {num_classes} outputs")
+    return list(names)
+
+
+def predict(
+    images: Sequence[str | Path],
+    model: str | torch.nn.Module | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    classes: str | Path | Sequence[str] | None = None,
+    topk: int = 3,
+    use_ema: bool = True,
+    img_size: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 16,
+) -> list[Prediction]:
+    """Top-k classes of each image, preprocessed with the model's evaluation transform.
+
+    ``model`` is a timm name (None: the checkpoint's architecture) or a module.
+
+    Raises:
+        ImageReadError: an image is missing or unreadable (all images are opened before any inference).
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    paths = expand_images(images)
+    pictures = [load_image(p) for p in paths]
+    info: dict = {}
+    if model is None or isinstance(model, str):
+        model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema)
+    device = torch.device(device) if device is not None else default_device()
+    model = model.eval().to(device)
+    names = resolve_class_names(model.num_classes, classes, info)
+    transform = create_transform(**data_config_for(model, info, img_size=img_size))
+    k = min(topk, model.num_classes)
+    results: list[Prediction] = []
+    with torch.inference_mode():
+        for start in range(0, len(pictures), batch_size):
+            batch = torch.stack([transform(p) for p in pictures[start:start + batch_size]]).to(device)
+            probs, indices = model(batch).float().softmax(dim=-1).topk(k, dim=-1)
+            for path, p, i in zip(paths[start:start + batch_size], probs.tolist(), indices.tolist()):
+                results.append(Prediction(str(path), i, [names[j] for j in i], p))
+    return results
+
+
+def format_prediction(pred: Prediction) -> str:
+    """``image: label (prob%), label (prob%), ...`` on one line."""
+    tops = ", ".join(f"{label} ({100 * prob:.1f}%)" for label, prob in zip(pred.labels, pred.probs))
+    return f"{pred.image}: {tops}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastervit predict", description="Classify images and print their top-k labels."
+    )
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    add_model_args(parser)
+    parser.add_argument("--topk", "-k", type=int, default=3, help="labels per image (default 3)")
+    parser.add_argument("--classes", default=None,
+                        help="class names: a text file (one per line) or the training dataset folder")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        preds = predict(
+            args.images, args.model, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs,
+            classes=args.classes, topk=args.topk, use_ema=not args.raw, img_size=args.img_size,
+            device=args.device,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastervit predict: error: {e}", file=sys.stderr)
+        return 1
+    for pred in preds:
+        print(json.dumps(asdict(pred)) if args.json else format_prediction(pred))
+    return 0

@@ -1,0 +1,96 @@
+"""Prediction: label sources, agreement with the eval transform, unreadable images, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+
+import open_fastervit
+from open_fastervit.paths import data_path
+from open_fastervit.predict import ImageReadError, load_image, main, predict, resolve_class_names
+
+TINY = dict(dim=32, in_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=(7, 7, 2, 2),
+            drop_path_rate=0.0)
+STUBS = ["bagel.jpg", "koala.jpg", "tractor.jpg"]
+
+
+def tiny(num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("fastervit_0", num_classes=num_classes, **TINY).eval()
+
+
+def stub(name: str):
+    return data_path("imagenet-stubs") / name
+
+
+def test_imagenet_model_gets_imagenet_names_and_matches_eval_transform():
+    model = tiny(1000)
+    preds = predict([stub(n) for n in STUBS], model, topk=5, img_size=96, device="cpu")
+    assert [p.image for p in preds] == [str(stub(n)) for n in STUBS]
+    transform = create_transform(**resolve_data_config({"img_size": 96}, model=model))
+    names = timm.data.ImageNetInfo().label_descriptions()
+    for pred in preds:
+        with torch.no_grad():
+            probs = model(transform(load_image(pred.image))[None]).softmax(-1)[0]
+        top = probs.topk(5)
+        assert pred.indices == top.indices.tolist()
+        assert pred.probs == pytest.approx(top.values.tolist(), rel=1e-4)
+        assert pred.probs == sorted(pred.probs, reverse=True)
+        assert pred.labels == [names[i].split(",")[0] for i in pred.indices]
+
+
+def test_class_names_from_checkpoint_metadata_or_dataset(tmp_path):
+    model = tiny(10)
+    names = [f"class {i}" for i in range(10)]
+    weights = tmp_path / "w.safetensors"
+    open_fastervit.save_weights(model, weights, metadata={"class_names": names, "model_kwargs": TINY,
+                                                          "img_size": 64})
+    image = data_path("tiny-imagenet-10") / "val" / "n01882714"
+    first = sorted(image.iterdir())[:2]
+    preds = predict(first, checkpoint=weights, topk=3, device="cpu")  # architecture from the metadata
+    assert len(preds) == 2 and all(len(p.labels) == 3 for p in preds)
+    assert all(label in names for p in preds for label in p.labels)
+    assert [p.indices for p in preds] == [p.indices for p in predict(first, model, topk=3, img_size=64)]
+    from_data = predict(first[:1], model, classes=data_path("tiny-imagenet-10"), topk=10, img_size=64)[0]
+    assert sorted(from_data.labels)[:3] == ["alp", "banana", "goldfish"]  # names from classes.csv
+    assert resolve_class_names(3) == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="2 class names given for a model with 3 outputs"):
+        resolve_class_names(3, ["a", "b"])
+
+
+def test_unreadable_images_are_named(tmp_path):
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"this is not a JPEG")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(stub("bagel.jpg").read_bytes()[:2000])
+    for path in (garbage, truncated, tmp_path / "missing.jpg"):
+        with pytest.raises(ImageReadError, match=path.name):
+            load_image(path)
+    model = tiny(1000)
+    with pytest.raises(ImageReadError, match="truncated.jpg"):
+        predict([stub("bagel.jpg"), truncated], model)
+    with pytest.raises(ValueError, match="topk"):
+        predict([stub("bagel.jpg")], model, topk=0)
+
+
+def test_cli(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in STUBS[:2]:
+        shutil.copy(stub(name), folder / name)
+    kwargs = json.dumps(TINY)
+    assert main([str(folder), "--model", "fastervit_0", "--model-kwargs", kwargs, "--img-size", "64", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(folder / "bagel.jpg") + ": ")
+    assert lines[0].count("%)") == 2
+    assert main([str(stub("koala.jpg")), "--model-kwargs", kwargs, "--img-size", "64", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["labels"]) == 3 and record["image"].endswith("koala.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    assert main([str(folder), "--model-kwargs", kwargs]) == 1
+    assert "broken.png" in capsys.readouterr().err
