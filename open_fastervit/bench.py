@@ -1,0 +1,1051 @@
+"""``fastervit bench``: throughput, latency, training-step speed, memory and compute efficiency.
+
+The benchmark compares a list of candidates - our models by name (``fastervit_0``), timm peers by name
+(``convnext_tiny``), and, when the user imports it with ``--import fastervit``, the official implementation
+(``faster_vit_0_224``) - on the same inputs, on CPU or CUDA.
+
+How a measurement is taken (:func:`measure_interleaved`): all candidates of one workload (kind, batch,
+input size) run in turn after a warm-up, A B C A B C ..., and each turn is timed with
+``time.perf_counter`` around ``iters`` calls (device synchronised on both sides). The medians and the
+quartiles of those per-call times are reported, and every ratio against the baseline is the median of
+the per-round ratios, so slow phases of a noisy machine hit all candidates alike.
+
+When an official name and our model of the same architecture are both in the run, ours is given the
+official model's weights (``open_fastervit.convert.official_to_ours``), so both compute the same
+function; the largest output difference is recorded. The library never imports the official package
+itself: ``--import`` is a generic timm plug-in mechanism.
+
+Python API: :class:`BenchConfig`, :func:`run_benchmark` (returns a JSON-ready dict) and
+:func:`open_fastervit.bench_plots.write_reports` (JSON, CSV, Markdown, PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import difflib
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "Stats",
+    "build_parser",
+    "main",
+    "measure_interleaved",
+    "official_to_ours_name",
+    "run_benchmark",
+    "summarize",
+]
+
+SCHEMA = "open_fastervit.bench/1"
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OFFICIAL_PREFIX = "faster_vit_"
+DEFAULT_MODELS = ("fastervit_0", "swin_tiny_patch4_window7_224", "convnext_tiny")
+DEFAULT_SCALING_SIZES = (224, 448, 672, 896, 1024)
+
+# Published ImageNet-1K top-1 (%) of timm peers for the throughput-vs-accuracy figure (FasterViT's own
+# numbers come from open_fastervit.PUBLISHED). Swin: the ImageNet-1K model zoo of microsoft/Swin-Transformer
+# (released checkpoints; the paper's Table 1 prints 81.3 / 83.0 / 83.5). ConvNeXt: Liu et al. 2022,
+# Table 1 (ImageNet-1K, 224 px). DeiT: Touvron et al. 2021, Table 1.
+PEER_TOP1: dict[str, float] = {
+    "swin_tiny_patch4_window7_224": 81.2, "swin_small_patch4_window7_224": 83.2,
+    "swin_base_patch4_window7_224": 83.5,
+    "convnext_tiny": 82.1, "convnext_small": 83.1, "convnext_base": 83.8,
+    "deit_tiny_patch16_224": 72.2, "deit_small_patch16_224": 79.8, "deit_base_patch16_224": 81.8,
+}
+
+Timer = Callable[[], float]
+Step = Callable[[], Any]
+
+
+class BenchError(ValueError):
+    """A benchmark request that cannot be run as asked (bad names, arguments or pairing)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    """Everything one benchmark run measures.
+
+    ``model_kwargs`` maps a candidate name (or ``"*"`` for all) to extra ``create_model`` arguments.
+    ``train_batch`` 0 skips the training step; an empty ``scaling_sizes`` skips the input-size sweep.
+    ``iters`` 0 picks, per candidate, enough calls for ``min_block_s`` seconds per timed turn.
+    Each of ``baselines`` is ``NAME`` (same precision as each row) or ``NAME:PRECISION`` (one fixed
+    precision); every row gets a throughput ratio against each (default: the first model).
+    """
+
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
+    img_sizes: list[int] = field(default_factory=lambda: [224])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    train_batch: int = 8
+    scaling_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SCALING_SIZES))
+    scaling_batch: int = 1
+    device: str = "auto"
+    channels_last: bool = False
+    compile_mode: str | None = None
+    fuse: bool = False
+    threads: int | None = None
+    warmup: int = 3
+    rounds: int = 7
+    iters: int = 0
+    min_block_s: float = 0.2
+    baselines: list[str] = field(default_factory=list)
+    imports: list[str] = field(default_factory=list)
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_classes: int = 1000
+    top1: dict[str, float] = field(default_factory=dict)
+    macs: bool = True
+    memory: bool = True
+    gemm_size: int | None = None
+    seed: int = 0
+    command: str = ""
+
+    def validate(self) -> None:
+        """Raise :class:`BenchError` on arguments that cannot describe a run."""
+        if not self.models:
+            raise BenchError("no models given; pass --models NAME[,NAME...]")
+        if len(set(self.models)) != len(self.models):
+            raise BenchError(f"models are listed more than once: {self.models}")
+        for label, values in (("batch size", self.batch_sizes), ("image size", self.img_sizes),
+                              ("scaling size", self.scaling_sizes)):
+            if any(v <= 0 for v in values):
+                raise BenchError(f"every {label} must be positive, got {values}")
+        if not self.batch_sizes and self.train_batch <= 0 and not self.scaling_sizes:
+            raise BenchError("nothing to measure: no batch sizes, no training step and no scaling sizes")
+        if not self.img_sizes:
+            raise BenchError("no image sizes given")
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise BenchError(f"precisions must be among {sorted(PRECISIONS)}, got {self.precisions}")
+        if self.rounds < 1 or self.warmup < 0 or self.iters < 0 or self.scaling_batch < 1:
+            raise BenchError("need rounds >= 1, warmup >= 0, iters >= 0 and scaling batch >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"threads must be >= 1, got {self.threads}")
+        self.baseline_members()
+
+    def baseline_members(self) -> list[tuple[str, str | None]]:
+        """The baselines as (model, fixed precision or None); default: the first model."""
+        members = []
+        for text in self.baselines or [self.models[0]]:
+            name, _, precision = text.partition(":")
+            if name not in self.models:
+                raise BenchError(f"baseline {name!r} is not among the models {self.models}")
+            if precision and precision not in self.precisions:
+                raise BenchError(f"baseline precision {precision!r} is not among {self.precisions}")
+            members.append((name, precision or None))
+        return members
+
+    def kwargs_for(self, name: str) -> dict[str, Any]:
+        """The ``create_model`` overrides of one candidate (``"*"`` first, then its own)."""
+        merged = {**self.model_kwargs.get("*", {}), **self.model_kwargs.get(name, {})}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+
+
+@dataclass(frozen=True)
+class Group:
+    """One workload: every candidate runs it at each of ``precisions``, interleaved."""
+
+    kind: str  # "infer" or "train"
+    batch: int
+    size: int
+    precisions: tuple[str, ...]
+
+
+def plan_groups(config: BenchConfig) -> list[Group]:
+    """Workloads of the run, ordered by input size; the scaling sweep reuses matching groups."""
+    wanted: dict[tuple[str, int, int], list[str]] = {}
+    for size in config.img_sizes:
+        for batch in config.batch_sizes:
+            wanted[("infer", batch, size)] = list(config.precisions)
+        if config.train_batch > 0:
+            wanted[("train", config.train_batch, size)] = list(config.precisions)
+    for size in config.scaling_sizes:
+        wanted.setdefault(("infer", config.scaling_batch, size), [config.precisions[0]])
+    groups = [Group(kind, batch, size, tuple(p)) for (kind, batch, size), p in wanted.items()]
+    return sorted(groups, key=lambda g: (g.size, g.kind != "infer", g.batch))
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of per-call times in seconds."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    n: int
+
+    @property
+    def spread_pct(self) -> float:
+        """Interquartile range as a percentage of the median."""
+        return 100.0 * (self.q3 - self.q1) / self.median if self.median > 0 else 0.0
+
+
+def summarize(samples: Sequence[float]) -> Stats:
+    """Median, quartiles (inclusive method) and range of a non-empty list of times."""
+    if not samples:
+        raise BenchError("no timing samples to summarize")
+    values = sorted(samples)
+    if len(values) == 1:
+        q1 = q3 = values[0]
+    else:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return Stats(statistics.median(values), q1, q3, values[0], values[-1], len(values))
+
+
+def _no_sync() -> None:
+    return None
+
+
+def measure_interleaved(
+    steps: dict[Any, Step],
+    *,
+    warmup: int,
+    rounds: int,
+    iters: int | dict[Any, int] = 1,
+    timer: Timer = time.perf_counter,
+    sync: Callable[[], None] = _no_sync,
+    tick: Callable[[], None] = _no_sync,
+) -> tuple[dict[Any, list[float]], dict[Any, str]]:
+    """Run every step in turn (A B C A B C ...): ``warmup`` untimed rounds, then ``rounds`` timed ones.
+
+    Each timed turn calls a step ``iters`` times between two synchronised timer reads and records the
+    time per call. A step that raises is dropped from the run and its error returned instead.
+    Returns (samples in seconds per call for each surviving step, errors by step).
+    """
+    live = dict(steps)
+    errors: dict[Any, str] = {}
+    samples: dict[Any, list[float]] = {key: [] for key in steps}
+    counts = iters if isinstance(iters, dict) else dict.fromkeys(steps, iters)
+    for timed in [False] * warmup + [True] * rounds:
+        for key in list(live):
+            try:
+                elapsed = _timed_calls(live[key], counts[key] if timed else 1, timer, sync)
+            except Exception as exc:  # a candidate failing must not stop the others
+                errors[key] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                del live[key]
+                continue
+            finally:
+                tick()
+            if timed:
+                samples[key].append(elapsed / counts[key])
+    return {key: samples[key] for key in live}, errors
+
+
+def _timed_calls(step: Step, calls: int, timer: Timer, sync: Callable[[], None]) -> float:
+    """Seconds for ``calls`` calls of ``step``, the device synchronised before and after."""
+    sync()
+    start = timer()
+    for _ in range(calls):
+        step()
+    sync()
+    return timer() - start
+
+
+def auto_iters(step: Step, min_block_s: float, sync: Callable[[], None], timer: Timer) -> int:
+    """Calls needed for one timed turn of ``step`` to last at least ``min_block_s`` (at least 1)."""
+    if min_block_s <= 0:
+        return 1
+    once = max(_timed_calls(step, 1, timer, sync), 1e-6)
+    return max(1, min(1000, math.ceil(min_block_s / once)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def official_to_ours_name(name: str) -> str | None:
+    """``faster_vit_0_224`` -> ``fastervit_0``, ``faster_vit_4_21k_384`` -> ``fastervit_4_21k_384``."""
+    from open_fastervit import OFFICIAL_NAMES
+
+    return OFFICIAL_NAMES.get(name)
+
+
+def source_of(name: str) -> str:
+    """Where a candidate comes from: ``official``, ``open_fastervit`` or ``timm``."""
+    if name.startswith(OFFICIAL_PREFIX):
+        return "official"
+    return "open_fastervit" if name.startswith("fastervit_") else "timm"
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import user-named modules (timm plug-ins that register models), with a clear error."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise BenchError(f"--import {module}: cannot import it ({exc})") from exc
+
+
+def check_model_names(names: Sequence[str]) -> None:
+    """Raise :class:`BenchError` naming every unknown model, with close matches."""
+    import timm
+
+    import open_fastervit  # noqa: F401  (registers fastervit_* into timm)
+
+    known = timm.list_models()
+    for name in names:
+        if timm.is_model(name):
+            continue
+        hint = ""
+        if name.startswith(OFFICIAL_PREFIX):
+            hint = " Official names are registered by the official package: add `--import fastervit`."
+        close = difflib.get_close_matches(name, known, n=3)
+        if close:
+            hint += f" Close matches: {', '.join(close)}."
+        raise BenchError(f"unknown model {name!r}.{hint}")
+
+
+def pairs_of(names: Sequence[str]) -> dict[str, str]:
+    """Our candidate -> official candidate of the same architecture, for those present in the run."""
+    pairs = {}
+    for name in names:
+        ours = official_to_ours_name(name) if source_of(name) == "official" else None
+        if ours in names:
+            pairs[ours] = name
+    return pairs
+
+
+def create_candidate(name: str, size: int, config: BenchConfig, device: torch.device) -> nn.Module:
+    """Build one candidate on ``device``, in eval mode, able to run ``size`` px inputs; raise if it cannot.
+
+    The official model is fixed at build time (``resolution=size``); timm models with a fixed input size
+    are rebuilt with ``img_size=size`` when the default build rejects the size.
+    """
+    import timm
+
+    kwargs = {"num_classes": config.num_classes, **config.kwargs_for(name)}
+    torch.manual_seed(config.seed)
+    if source_of(name) == "official":
+        return timm.create_model(name, resolution=size, **kwargs).to(device).eval()
+    if source_of(name) == "open_fastervit":
+        from open_fastervit import create_model
+
+        return create_model(name, **kwargs).to(device).eval()
+    model = timm.create_model(name, **kwargs).to(device).eval()
+    try:
+        probe_forward(model, size)
+        return model
+    except Exception:
+        torch.manual_seed(config.seed)
+        return timm.create_model(name, img_size=size, **kwargs).to(device).eval()
+
+
+def probe_forward(model: nn.Module, size: int) -> torch.Tensor:
+    """One batch-1 forward on a fixed input (eval, no grad, model's device): checks the size works."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1234)).to(device)
+    with torch.no_grad():
+        return model(x).float()
+
+
+def share_official_weights(ours: nn.Module, official: nn.Module) -> None:
+    """Load the official model's weights into ours (strict), through the checkpoint converter."""
+    from open_fastervit.convert import official_to_ours
+
+    state = official_to_ours(official.state_dict())
+    try:
+        ours.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BenchError(f"cannot give our model the official weights (same kwargs on both?): {exc}") from exc
+
+
+def fuse_model(model: nn.Module) -> nn.Module:
+    """An inference copy with ``fuse()`` (ours) or timm's ``reparameterize_model`` applied."""
+    from timm.utils.model import reparameterize_model
+
+    fused = copy.deepcopy(model)
+    if hasattr(fused, "fuse"):
+        return fused.fuse() or fused
+    return reparameterize_model(fused, inplace=True)
+
+
+@dataclass
+class Prepared:
+    """A candidate ready at one input size: eager model plus the callables that are timed."""
+
+    name: str
+    model: nn.Module
+    infer_model: nn.Module | Callable[..., Any]
+    train_model: nn.Module | Callable[..., Any]
+    compiled: bool
+
+
+def prepare(model: nn.Module, name: str, config: BenchConfig) -> Prepared:
+    """Set the memory format, then fuse and compile as configured."""
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    infer_model: Any = fuse_model(model) if config.fuse else model
+    train_model: Any = model
+    if config.compile_mode:
+        mode = None if config.compile_mode == "default" else config.compile_mode
+        infer_model = torch.compile(infer_model, mode=mode)
+        train_model = torch.compile(model, mode=mode)
+    return Prepared(name, model, infer_model, train_model, bool(config.compile_mode))
+
+
+def build_at_size(
+    config: BenchConfig, size: int, device: torch.device, info: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Prepared], dict[str, str]]:
+    """All candidates at one size (officials first, so ours can take their weights).
+
+    Returns (prepared candidates, "n/a (reason)" for those that cannot run at this size).
+    Records parameter counts and official/ours output differences in ``info``.
+    """
+    pairs = pairs_of(config.models)
+    built: dict[str, nn.Module] = {}
+    unavailable: dict[str, str] = {}
+    order = sorted(config.models, key=lambda n: source_of(n) != "official")
+    for name in order:
+        try:
+            model = create_candidate(name, size, config, device)
+            if name in pairs and pairs[name] in built:
+                share_official_weights(model, built[pairs[name]])
+            probe_forward(model, size)
+        except BenchError:
+            raise
+        except Exception as exc:
+            unavailable[name] = f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            continue
+        built[name] = model
+        info[name].setdefault("params", sum(p.numel() for p in model.parameters()))
+    for ours, official in pairs.items():
+        if ours in built and official in built:
+            diff = (probe_forward(built[ours], size) - probe_forward(built[official], size)).abs().max()
+            info[ours].setdefault("same_weights_as", official)
+            info[ours].setdefault("max_abs_diff_vs_official", {})[str(size)] = float(diff)
+    return {name: prepare(model, name, config) for name, model in built.items()}, unavailable
+
+
+# --------------------------------------------------------------------------------------------------
+# Work: inference and training steps
+# --------------------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for bf16/fp16, a no-op for fp32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_infer_step(model: Callable[..., Any], x: torch.Tensor, precision: str) -> Step:
+    """One forward pass without gradients under the chosen autocast."""
+
+    def step() -> Any:
+        with torch.no_grad(), autocast(x.device, precision):
+            return model(x)
+
+    return step
+
+
+def make_train_step(
+    model: Callable[..., Any], optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    precision: str,
+) -> Step:
+    """One training step: forward, cross-entropy, backward, optimizer step (grad scaling for fp16)."""
+    scaler = torch.amp.GradScaler(x.device.type, enabled=precision == "fp16")
+
+    def step() -> None:
+        with autocast(x.device, precision):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW through timm (no weight decay on norms and biases), as in the training recipe."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
+
+
+def make_inputs(group: Group, num_classes: int, device: torch.device, channels_last: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random images and labels for one workload, shared by all candidates."""
+    gen = torch.Generator().manual_seed(group.batch * 10007 + group.size)
+    x = torch.randn(group.batch, 3, group.size, group.size, generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (group.batch,), generator=gen).to(device)
+    return x, y
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory, MACs, GEMM reference
+# --------------------------------------------------------------------------------------------------
+
+
+class PeakTensorMemory:
+    """Peak bytes of tensors created and still alive while the context is active (CPU-friendly).
+
+    A ``TorchDispatchMode`` sees every op's outputs; new storages are counted until they are freed
+    (tracked with storage weak references). Weights and tensors alive before entering are excluded.
+    """
+
+    def __init__(self) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                out = func(*args, **(kwargs or {}))
+                tracker._release_dead()
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        tracker._add(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+                return out
+
+        self._mode = _Mode()
+        self._live: dict[int, tuple[Any, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _add(self, ref: Any, nbytes: int) -> None:
+        if ref.cdata not in self._live:
+            self._live[ref.cdata] = (ref, nbytes)
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
+    def _release_dead(self) -> None:
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self.current -= self._live.pop(key)[1]
+
+    def __enter__(self) -> PeakTensorMemory:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+
+def peak_memory_mb(step: Step, device: torch.device, compiled: bool) -> float | None:
+    """Peak memory of one step above what was allocated before it (MiB).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: :class:`PeakTensorMemory` (eager only; None when
+    compiled, since the tracker would change what is compiled).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if compiled:
+        return None
+    with PeakTensorMemory() as tracker:
+        step()
+    return tracker.peak / 2**20
+
+
+def count_gmacs(model: nn.Module, size: int, kind: str, device: torch.device) -> float:
+    """Multiply-accumulates per image (GMAC) by ``FlopCounterMode`` (MACs = FLOPs / 2).
+
+    Counted on one eval forward at batch 1. A training step counts 3x the forward (the backward pass
+    computes two products per forward product); counting the backward directly is wrong in torch's
+    counter for grouped convolutions (it ignores the groups, e.g. 100x too much for depthwise convs).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    counter = FlopCounterMode(display=False)
+    try:
+        model.eval()
+        with counter, torch.no_grad():
+            model(torch.randn(1, 3, size, size, device=device))
+    finally:
+        model.train(was_training)
+    forward = counter.get_total_flops() / 2 / 1e9
+    return forward if kind == "infer" else 3 * forward
+
+
+def measure_gemm(device: torch.device, precision: str, n: int, rounds: int, timer: Timer,
+                 sync: Callable[[], None]) -> dict[str, float]:
+    """Rate of a large square matrix multiply (GMAC/s): the machine's practical peak for the dtype."""
+    dtype = PRECISIONS[precision] or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    samples, errors = measure_interleaved({"gemm": lambda: torch.mm(a, b)}, warmup=2, rounds=max(3, rounds),
+                                          timer=timer, sync=sync)
+    if errors:
+        return {"n": n, "error": errors["gemm"]}
+    stats = summarize(samples["gemm"])
+    return {"n": n, "median_s": stats.median, "gmacs_per_s": n**3 / stats.median / 1e9}
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; a clear error for an unavailable CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but torch.cuda.is_available() is False")
+    return device
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """A barrier that waits for queued device work (CUDA), or a no-op (CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return _no_sync
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, or the platform's description."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on: versions, hardware, threads, time."""
+    import timm
+
+    import open_fastervit
+
+    env: dict[str, Any] = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "open_fastervit": getattr(open_fastervit, "__version__", "unknown"),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark,
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    return env
+
+
+class _Progress:
+    """A tqdm bar over all timed and warm-up turns of the run."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, disable=not enabled, unit="turn", desc="bench", file=sys.stderr)
+        self.group_end = 0
+
+    def start_group(self, text: str, turns: int) -> None:
+        """Name the workload; skipped or failed turns are counted when the next one starts."""
+        self.bar.update(max(0, self.group_end - self.bar.n))
+        self.group_end = self.bar.n + turns
+        self.bar.set_description(text, refresh=False)
+
+    def tick(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.update(max(0, self.group_end - self.bar.n))
+        self.bar.close()
+
+
+def member_steps(group: Group, prepared: dict[str, Prepared], x: torch.Tensor, y: torch.Tensor
+                 ) -> dict[tuple[str, str], Step]:
+    """The step to time for every (candidate, precision) of a workload; models set to its mode.
+
+    Training steps of one model share one optimizer across precisions.
+    """
+    steps: dict[tuple[str, str], Step] = {}
+    for name, cand in prepared.items():
+        cand.model.train(group.kind == "train")
+        optimizer = make_optimizer(cand.model) if group.kind == "train" else None
+        for precision in group.precisions:
+            steps[name, precision] = (
+                make_infer_step(cand.infer_model, x, precision) if optimizer is None
+                else make_train_step(cand.train_model, optimizer, x, y, precision))
+    return steps
+
+
+def run_group(
+    group: Group, prepared: dict[str, Prepared], unavailable: dict[str, str], config: BenchConfig,
+    device: torch.device, timer: Timer, progress: _Progress, macs: dict[tuple[str, int, str], float | None],
+) -> list[dict[str, Any]]:
+    """Time every (candidate, precision) of one workload, interleaved; one result row each.
+
+    Warm-up first, then the calls per turn are fixed (``config.iters`` or auto), then the timed rounds;
+    peak memory takes one more, separate step per member.
+    """
+    sync = device_sync(device)
+    x, y = make_inputs(group, config.num_classes, device, config.channels_last)
+    steps = member_steps(group, prepared, x, y)
+    members = len(config.models) * len(group.precisions)
+    progress.start_group(f"{group.kind} b{group.batch} {group.size}px", (config.warmup + config.rounds) * members)
+    warm, errors = measure_interleaved(steps, warmup=config.warmup, rounds=0, timer=timer, sync=sync,
+                                       tick=progress.tick)
+    iters = {k: config.iters or auto_iters(steps[k], config.min_block_s, sync, timer) for k in warm}
+    samples, late_errors = measure_interleaved({k: steps[k] for k in iters}, warmup=0, rounds=config.rounds,
+                                               iters=iters, timer=timer, sync=sync, tick=progress.tick)
+    errors.update(late_errors)
+    rows = []
+    for (name, precision), step in steps.items():
+        row = base_row(name, group, precision)
+        if (name, precision) in samples:
+            mem = _peak_memory(step, device, prepared[name].compiled) if config.memory else None
+            gmacs = _cached_gmacs(macs, prepared[name], group, device, config)
+            row.update(timing_fields(samples[name, precision], group.batch, iters[name, precision], gmacs, mem))
+        else:
+            row["status"] = f"error ({errors.get((name, precision), 'unknown')})"
+        rows.append(row)
+    for name, reason in unavailable.items():
+        rows.extend({**base_row(name, group, p), "status": reason} for p in group.precisions)
+    return rows
+
+
+def _peak_memory(step: Step, device: torch.device, compiled: bool) -> float | None:
+    try:
+        return peak_memory_mb(step, device, compiled)
+    except Exception:  # memory is reported when it can be measured; timings stand without it
+        return None
+
+
+def _cached_gmacs(macs: dict[tuple[str, int, str], float | None], cand: Prepared, group: Group,
+                  device: torch.device, config: BenchConfig) -> float | None:
+    key = (cand.name, group.size, group.kind)
+    if config.macs and key not in macs:
+        try:
+            macs[key] = count_gmacs(cand.model, group.size, group.kind, device)
+        except Exception:  # counting is a nicety; the timings stand without it
+            macs[key] = None
+    return macs.get(key)
+
+
+def base_row(name: str, group: Group, precision: str) -> dict[str, Any]:
+    """The identifying fields of a result row."""
+    return {"model": name, "source": source_of(name), "kind": group.kind, "batch": group.batch,
+            "img_size": group.size, "precision": precision, "status": "ok"}
+
+
+def timing_fields(samples: list[float], batch: int, iters: int, gmacs: float | None,
+                  mem_mb: float | None) -> dict[str, Any]:
+    """Throughput, latency and spread from per-call samples (seconds)."""
+    stats = summarize(samples)
+    img_s = batch / stats.median
+    return {
+        "img_per_s": img_s,
+        "latency_ms": 1e3 * stats.median,
+        "q1_ms": 1e3 * stats.q1,
+        "q3_ms": 1e3 * stats.q3,
+        "min_ms": 1e3 * stats.min,
+        "max_ms": 1e3 * stats.max,
+        "spread_pct": stats.spread_pct,
+        "rounds": stats.n,
+        "iters": iters,
+        "samples_ms": [1e3 * s for s in samples],
+        "gmacs_per_img": gmacs,
+        "gmacs_per_s": gmacs * img_s if gmacs is not None else None,
+        "peak_mem_mb": mem_mb,
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]], baselines: Sequence[tuple[str, str | None]],
+               gemm: dict[str, Any]) -> None:
+    """Throughput ratios against each baseline and the share of the GEMM rates, in place.
+
+    A ratio is the median over rounds of (baseline time / row time) in the same round; its min and max
+    show the spread. ``row["ratios"]`` holds one entry per baseline; the first is also flattened into
+    ``ratio_vs_baseline``, ``ratio_min``, ``ratio_max`` and ``baseline`` (the CSV columns).
+    """
+    index = {(r["model"], r["kind"], r["batch"], r["img_size"], r["precision"]): r for r in rows}
+    fp32_rate = gemm.get("fp32", {}).get("gmacs_per_s")
+    for row in rows:
+        own_rate = gemm.get(row["precision"], {}).get("gmacs_per_s")
+        if row.get("gmacs_per_s") is not None and own_rate:
+            row["pct_of_precision_gemm"] = 100.0 * row["gmacs_per_s"] / own_rate
+        row["ratios"] = [_ratio_to(row, index, name, precision) for name, precision in baselines]
+        first = row["ratios"][0]
+        row.update(baseline=first["baseline"], ratio_vs_baseline=first["median"], ratio_min=first["min"],
+                   ratio_max=first["max"])
+        if row.get("gmacs_per_s") is not None and fp32_rate:
+            row["pct_of_fp32_gemm"] = 100.0 * row["gmacs_per_s"] / fp32_rate
+
+
+def _ratio_to(row: dict[str, Any], index: dict[tuple, dict[str, Any]], name: str, precision: str | None
+              ) -> dict[str, Any]:
+    key = (name, row["kind"], row["batch"], row["img_size"], precision or row["precision"])
+    base = index.get(key)
+    out: dict[str, Any] = {"baseline": f"{name}:{key[-1]}", "median": None, "min": None, "max": None}
+    if row["status"] == "ok" and base is not None and base["status"] == "ok":
+        per_round = [b / s for b, s in zip(base["samples_ms"], row["samples_ms"])]
+        out.update(median=statistics.median(per_round), min=min(per_round), max=max(per_round))
+    return out
+
+
+def candidate_info(config: BenchConfig) -> dict[str, dict[str, Any]]:
+    """Per-candidate facts: source, overrides, published numbers (only for unmodified architectures)."""
+    from open_fastervit import PUBLISHED
+
+    info = {}
+    for name in config.models:
+        kwargs = config.kwargs_for(name)
+        published = {} if kwargs else PUBLISHED.get(official_to_ours_name(name) or name, {})
+        top1 = config.top1.get(name, published.get("top1", None if kwargs else PEER_TOP1.get(name)))
+        entry: dict[str, Any] = {"source": source_of(name), "model_kwargs": kwargs}
+        if top1 is not None:
+            entry["published_top1"] = top1
+        if "throughput" in published:
+            entry["published_a100_img_s"] = published["throughput"]
+        info[name] = entry
+    return info
+
+
+def run_benchmark(config: BenchConfig, *, timer: Timer = time.perf_counter, progress: bool = True
+                  ) -> dict[str, Any]:
+    """Run the whole benchmark and return a self-describing, JSON-ready result.
+
+    ``timer`` (seconds, monotonic) is injectable for tests; torch's thread count is restored afterwards.
+    """
+    config.validate()
+    import_plugins(config.imports)
+    check_model_names(config.models)
+    device = resolve_device(config.device)
+    threads_before, cudnn_before = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fastest conv algorithms for fixed shapes
+        return _run(config, device, timer, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.backends.cudnn.benchmark = cudnn_before
+
+
+def _run(config: BenchConfig, device: torch.device, timer: Timer, progress: bool) -> dict[str, Any]:
+    env = environment(device)
+    groups = plan_groups(config)
+    sync = device_sync(device)
+    gemm_n = config.gemm_size or (8192 if device.type == "cuda" else 2048)
+    gemm = {p: measure_gemm(device, p, gemm_n, config.rounds, timer, sync)
+            for p in dict.fromkeys(["fp32", *config.precisions])}
+    info = candidate_info(config)
+    turns = sum((config.warmup + config.rounds) * len(config.models) * len(g.precisions) for g in groups)
+    bar = _Progress(turns, progress)
+    rows: list[dict[str, Any]] = []
+    macs: dict[tuple[str, int, str], float | None] = {}
+    try:
+        for size in dict.fromkeys(g.size for g in groups):
+            prepared, unavailable = build_at_size(config, size, device, info)
+            for group in (g for g in groups if g.size == size):
+                rows.extend(run_group(group, prepared, unavailable, config, device, timer, bar, macs))
+            del prepared
+            gc.collect()
+    finally:
+        bar.close()
+    add_ratios(rows, config.baseline_members(), gemm)
+    env["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"schema": SCHEMA, "env": env, "config": dataclasses.asdict(config),
+            "gemm": gemm, "candidates": info, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``'{"dim": 32}'`` (all models) or ``'fastervit_0={"dim": 32}'`` (one model) -> per-name dicts."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, text = "*", item
+        match = re.fullmatch(r"\s*([\w.\-]+)\s*=\s*(\{.*\})\s*", item, flags=re.S)
+        if match:
+            name, text = match.group(1), match.group(2)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"--model-kwargs {item!r}: not a JSON object ({exc})") from exc
+        if not isinstance(value, dict):
+            raise BenchError(f"--model-kwargs {item!r}: expected a JSON object like '{{\"dim\": 32}}'")
+        out.setdefault(name, {}).update(value)
+    return out
+
+
+def parse_top1(items: Sequence[str]) -> dict[str, float]:
+    """``NAME=82.1`` pairs -> dict."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError as exc:
+            raise BenchError(f"--top1 {item!r}: expected NAME=ACCURACY, e.g. convnext_tiny=82.1") from exc
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of ``fastervit bench``."""
+    p = argparse.ArgumentParser(
+        prog="fastervit bench",
+        description="Interleaved throughput/latency/training-step/memory benchmark of FasterViT, its "
+                    "official implementation and timm peers, on CPU or CUDA.",
+        epilog="Example (ours vs official with the same weights, and two peers): fastervit bench "
+               "--import fastervit --models fastervit_0,faster_vit_0_224,swin_tiny_patch4_window7_224,"
+               "convnext_tiny --batch-sizes 1,16 --train-batch 8 --precisions fp32,bf16")
+    p.add_argument("--models", type=_str_list, default=list(DEFAULT_MODELS), metavar="LIST",
+                   help="comma-separated candidates: ours (fastervit_0), timm (convnext_tiny), official "
+                        f"(faster_vit_0_224, needs --import fastervit); default: {','.join(DEFAULT_MODELS)}")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (timm plug-ins registering models); repeatable")
+    p.add_argument("--model-kwargs", action="append", default=[], metavar="JSON",
+                   help="create_model overrides: '{\"dim\": 32}' for all or 'NAME={...}' for one; repeatable")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier width (default: %(default)s)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 16], metavar="LIST",
+                   help="inference batch sizes (default: 1,16; '' for none)")
+    p.add_argument("--img-sizes", "--resolutions", type=_int_list, default=[224], metavar="LIST",
+                   help="input sides in px (default: 224)")
+    p.add_argument("--precisions", type=_str_list, default=["fp32"], metavar="LIST",
+                   help="fp32, bf16, fp16 (autocast; fp16 is meant for CUDA); default: fp32")
+    p.add_argument("--train-batch", type=int, default=8, help="training-step batch (0: skip)")
+    p.add_argument("--scaling-sizes", type=_int_list, default=list(DEFAULT_SCALING_SIZES), metavar="LIST",
+                   help="input sides of the cost-vs-size sweep, first precision only ('' to skip); "
+                        f"default: {','.join(map(str, DEFAULT_SCALING_SIZES))}")
+    p.add_argument("--scaling-batch", type=int, default=1, help="batch of the size sweep")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
+    p.add_argument("--compile", dest="compile_mode", nargs="?", const="default", default=None,
+                   metavar="MODE", help="torch.compile (MODE: default, reduce-overhead, max-autotune)")
+    p.add_argument("--fuse", action="store_true",
+                   help="inference: model.fuse() or timm reparameterize_model when the model has it")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
+    p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds")
+    p.add_argument("--iters", type=int, default=0, help="calls per timed turn (0: auto, >= --min-block)")
+    p.add_argument("--min-block", dest="min_block_s", type=float, default=0.2,
+                   help="seconds per timed turn when --iters is 0")
+    p.add_argument("--baseline", dest="baselines", action="append", default=[], metavar="NAME[:PRECISION]",
+                   help="throughput ratios against NAME (same precision) or NAME:PRECISION; repeatable; "
+                        "default: the first model")
+    p.add_argument("--top1", action="append", default=[], metavar="NAME=ACC",
+                   help="top-1 for the accuracy-vs-throughput plot; repeatable")
+    p.add_argument("--no-macs", dest="macs", action="store_false", help="skip MAC counting")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
+    p.add_argument("--gemm-size", type=int, default=None,
+                   help="side of the GEMM giving the peak rate (default 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model weights (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"),
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute on 2 CPU cores: batch 1,8, train batch 4, 1 warm-up, 3 rounds, "
+                        "sizes 224,448 (explicit options still win)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+QUICK = {"batch_sizes": [1, 8], "train_batch": 4, "warmup": 1, "rounds": 3, "iters": 1,
+         "scaling_sizes": [224, 448]}
+
+
+def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConfig:
+    """A :class:`BenchConfig` from parsed options; ``--quick`` fills the options not given explicitly."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if hasattr(args, f.name)}
+    values["model_kwargs"] = parse_model_kwargs(args.model_kwargs)
+    values["top1"] = parse_top1(args.top1)
+    values["command"] = " ".join(["fastervit", "bench", *argv])
+    if args.quick:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        for key, value in QUICK.items():
+            if f"--{key.replace('_', '-')}" not in given:
+                values[key] = value
+    return BenchConfig(**values)
+
+
+def warn_if_busy() -> None:
+    """Tell the user when other processes already keep the CPUs busy (timings will be noisy)."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.75 * cores:
+        print(f"fastervit bench: warning: the 1-minute load average is {load:.1f} on {cores} cores; other "
+              "processes compete for the CPU. Interleaving keeps ratios comparable, but absolute numbers "
+              "will be low; with fewer free cores than threads, try --threads 1.", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastervit bench``: run, write the reports, print the Markdown table."""
+    from open_fastervit.bench_plots import markdown_report, write_reports
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    warn_if_busy()
+    try:
+        result = run_benchmark(config_from_args(args, argv), progress=args.progress)
+    except BenchError as exc:
+        print(f"fastervit bench: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        paths = write_reports(result, args.out)
+    except OSError as exc:
+        print(f"fastervit bench: error: cannot write the reports into {args.out}: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_report(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
