@@ -287,7 +287,18 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> None:
         conv.bias.copy_(new_bias)
 
 
-class Stem(nn.Module):
+class TwoConvBN(nn.Module):
+    """Mixin for layers built as ``conv1 -> norm1 -> ... -> conv2 -> norm2`` with foldable BatchNorms."""
+
+    def fuse(self) -> nn.Module:
+        """Fold the BatchNorms into the convs for inference (timm ``reparameterize_model`` calls this)."""
+        fuse_conv_bn(self.conv1, self.norm1)
+        fuse_conv_bn(self.conv2, self.norm2)
+        self.norm1, self.norm2 = nn.Identity(), nn.Identity()
+        return self
+
+
+class Stem(TwoConvBN):
     """Stem: two strided 3x3 conv + BatchNorm + ReLU layers, stride 4 (paper Sec. 3.1)."""
 
     def __init__(self, in_chans: int, stem_dim: int, dim: int) -> None:
@@ -303,13 +314,6 @@ class Stem(nn.Module):
         x = self.act1(self.norm1(self.conv1(x)))
         return self.act2(self.norm2(self.conv2(x)))
 
-    def fuse(self) -> Stem:
-        """Fold the BatchNorms into the convs for inference (timm ``reparameterize_model`` calls this)."""
-        fuse_conv_bn(self.conv1, self.norm1)
-        fuse_conv_bn(self.conv2, self.norm2)
-        self.norm1, self.norm2 = nn.Identity(), nn.Identity()
-        return self
-
 
 class Downsample(nn.Module):
     """Between stages: LayerNorm over channels, then a strided 3x3 conv doubling the width."""
@@ -323,7 +327,7 @@ class Downsample(nn.Module):
         return self.conv(self.norm(x))
 
 
-class ConvBlock(nn.Module):
+class ConvBlock(TwoConvBN):
     """Residual conv block of the high-resolution stages: ``x + DropPath(BN(Conv(GELU(BN(Conv(x))))))``."""
 
     def __init__(self, dim: int, drop_path: float = 0.0) -> None:
@@ -338,13 +342,6 @@ class ConvBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
         return self.drop_path(y).add_(x)  # in place on the fresh branch output (nothing saved it)
-
-    def fuse(self) -> ConvBlock:
-        """Fold the BatchNorms into the convs for inference (timm ``reparameterize_model`` calls this)."""
-        fuse_conv_bn(self.conv1, self.norm1)
-        fuse_conv_bn(self.conv2, self.norm2)
-        self.norm1, self.norm2 = nn.Identity(), nn.Identity()
-        return self
 
 
 class ConvStage(nn.Module):
@@ -696,7 +693,7 @@ class FasterViT(nn.Module):
         Outputs are unchanged up to fp32 rounding; the fused model is for inference only (no BN to train).
         """
         for m in self.modules():
-            if isinstance(m, (Stem, ConvBlock)):
+            if isinstance(m, TwoConvBN):
                 m.fuse()
         return self
 

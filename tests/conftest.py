@@ -41,3 +41,19 @@ def oracle():
         import fastervit
 
     return fastervit
+
+
+def randomise(model: torch.nn.Module, spread: float = 0.1) -> torch.nn.Module:
+    """Give BatchNorm statistics and layer scales (ours ``*.gamma``, official ``gamma1..4``) non-trivial values,
+    so that BN folding, scaling and every residual branch show in the outputs."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, spread)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, spread)
+                m.bias.normal_(0, spread)
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("gamma"):
+                p.normal_(0, 3 * spread)
+    return model

@@ -7,7 +7,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import TINY
+from conftest import TINY, randomise
 from timm.utils import reparameterize_model
 
 from open_fastervit.model import Attention, PositionTerm
@@ -16,18 +16,7 @@ SIZES = [(64, 64), (70, 90)]  # (64, 64): padded stage maps; (70, 90): non-squar
 
 
 def tiny(**kwargs):
-    model = timm.create_model("fastervit_0", **{**TINY, **kwargs})
-    with torch.no_grad():  # non-trivial BN statistics and layer scales so folding and scaling show
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-        for name, p in model.named_parameters():
-            if name.endswith(".gamma"):
-                p.normal_(0, 0.5)
-    return model.eval()
+    return randomise(timm.create_model("fastervit_0", **{**TINY, **kwargs}), spread=0.2).eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import randomise
 
 import open_fastervit
 from open_fastervit import official_to_ours
@@ -12,23 +13,9 @@ from open_fastervit import official_to_ours
 TOL = 1e-5
 
 
-def _randomise(model: torch.nn.Module) -> None:
-    """Give BatchNorm statistics and layer scales non-trivial values so every term shows in the output."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-            for name, p in m.named_parameters(recurse=False):
-                if name.startswith("gamma"):
-                    p.normal_(0, 0.3)
-
-
 def _pair(official_name: str, resolution: int, **kwargs):
     official = timm.create_model(official_name, resolution=resolution, **kwargs)
-    _randomise(official)
+    randomise(official)
     ours = open_fastervit.create_model(official_name, **kwargs)
     ours.load_state_dict(official_to_ours(official.state_dict()), strict=True)
     return official, ours
@@ -102,7 +89,7 @@ def test_parity_tiny_hat_propagation_layer_scale(oracle) -> None:
     """A small config through the official large-model path (layer scale, propagation, 3x3 windows at 224)."""
     kwargs = dict(dim=32, in_dim=16, depths=(1, 1, 3, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
     official = timm.create_model("faster_vit_3_224", resolution=224, **kwargs)
-    _randomise(official)
+    randomise(official)
     ours = open_fastervit.create_model("fastervit_3", **kwargs)
     ours.load_state_dict(official_to_ours(official.state_dict()), strict=True)
     x = torch.randn(2, 3, 224, 224)
