@@ -4,6 +4,7 @@ Importing the package registers the published models with timm (``timm.create_mo
 """
 
 from .convert import CheckpointError, checkpoint_filter_fn, load_official_checkpoint, official_to_ours
+from .fused import inference_form
 from .model import MIN_INPUT_SIZE, FasterViT
 from .weights import load_weights, save_weights
 from .zoo import MODEL_NAMES, OFFICIAL_NAMES, PUBLISHED, create_model, list_models, load_official
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint_filter_fn",
     "create_model",
+    "inference_form",
     "list_models",
     "load_official",
     "load_official_checkpoint",

@@ -28,6 +28,8 @@ from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale, Mlp, 
 from timm.models import checkpoint_seq, register_notrace_function
 from torch import Tensor, nn
 
+from .fused import FusedConv2d, FusedLinear, FusedMlp
+
 __all__ = ["FasterViT", "MIN_INPUT_SIZE"]
 
 MIN_INPUT_SIZE = 32
@@ -253,7 +255,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos = ContinuousRelPosBias(num_heads)
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``residual`` (inference form only, after ``fuse_projections``) is added by the output projection."""
         b_, n, c = x.shape
         qkv = self.qkv(x).view(b_, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, heads, N, d)
@@ -269,7 +272,12 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias
             x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(b_, n, c)
-        return self.proj(x)
+        return self.proj(x) if residual is None else self.proj(x, residual=residual)
+
+    def fuse_projections(self, scale: Tensor | None) -> None:
+        """Inference form: fused linears; ``scale`` (the block's LayerScale gamma) folded into the projection."""
+        self.qkv = FusedLinear(self.qkv)
+        self.proj = FusedLinear(self.proj, scale=scale)
 
 
 @torch.no_grad()
@@ -288,18 +296,32 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> None:
 
 
 class TwoConvBN(nn.Module):
-    """Mixin for layers built as ``conv1 -> norm1 -> ... -> conv2 -> norm2`` with foldable BatchNorms."""
+    """Mixin for layers built as ``conv1 -> norm1 -> act1 -> conv2 -> norm2 (-> act2)`` with foldable BatchNorms."""
+
+    fused = False
+    fused_acts = ("none", "none")  # the activations after norm1 and norm2, taken over by the fused convs
 
     def fuse(self) -> nn.Module:
-        """Fold the BatchNorms into the convs for inference (timm ``reparameterize_model`` calls this)."""
+        """Inference form (timm ``reparameterize_model`` calls this): BatchNorms folded into the convs, the
+        activations fused into them (``fused.FusedConv2d``)."""
+        if self.fused:
+            return self
         fuse_conv_bn(self.conv1, self.norm1)
         fuse_conv_bn(self.conv2, self.norm2)
         self.norm1, self.norm2 = nn.Identity(), nn.Identity()
+        self.conv1 = FusedConv2d(self.conv1, self.fused_acts[0])
+        self.conv2 = FusedConv2d(self.conv2, self.fused_acts[1])
+        self.act1 = nn.Identity()
+        if hasattr(self, "act2"):
+            self.act2 = nn.Identity()
+        self.fused = True
         return self
 
 
 class Stem(TwoConvBN):
     """Stem: two strided 3x3 conv + BatchNorm + ReLU layers, stride 4 (paper Sec. 3.1)."""
+
+    fused_acts = ("relu", "relu")
 
     def __init__(self, in_chans: int, stem_dim: int, dim: int) -> None:
         super().__init__()
@@ -326,9 +348,17 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(self.norm(x))
 
+    def fuse(self) -> Downsample:
+        """Inference form: the conv pre-packed (``fused.FusedConv2d``)."""
+        if not isinstance(self.conv, FusedConv2d):
+            self.conv = FusedConv2d(self.conv)
+        return self
+
 
 class ConvBlock(TwoConvBN):
     """Residual conv block of the high-resolution stages: ``x + DropPath(BN(Conv(GELU(BN(Conv(x))))))``."""
+
+    fused_acts = ("gelu", "none")
 
     def __init__(self, dim: int, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -340,6 +370,8 @@ class ConvBlock(TwoConvBN):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:  # inference form: BN folded, GELU and the residual add done inside the convs
+            return self.conv2(self.conv1(x), residual=x)
         y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
         return self.drop_path(y).add_(x)  # in place on the fresh branch output (nothing saved it)
 
@@ -427,6 +459,7 @@ class HatBlock(nn.Module):
         self.mlp = Mlp(dim, hidden)
         self.ls_mlp = scale()
         self.hat = hat
+        self.fused = False
         if hat:  # global attention among carrier tokens
             self.ct_pos_embed = TokenPosEmbed(dim)
             self.ct_norm1 = nn.LayerNorm(dim)
@@ -447,9 +480,31 @@ class HatBlock(nn.Module):
         ct = self.ct_size
         gh, gw = nh * ct, nw * ct
         t = carriers_to_raster(t, nh, nw, ct) + self.ct_pos_embed(gh, gw)
-        t = t + self.drop_path(self.ct_ls_attn(self.ct_attn(self.ct_norm1(t), self.ct_attn.rel_pos(gh, gw))))
-        t = t + self.drop_path(self.ct_ls_mlp(self.ct_mlp(self.ct_norm2(t))))
+        bias = self.ct_attn.rel_pos(gh, gw)
+        if self.fused:  # inference form: layer scales folded, residual adds done by the output linears
+            t = self.ct_attn(self.ct_norm1(t), bias, residual=t)
+            t = self.ct_mlp(self.ct_norm2(t), residual=t)
+        else:
+            t = t + self.drop_path(self.ct_ls_attn(self.ct_attn(self.ct_norm1(t), bias)))
+            t = t + self.drop_path(self.ct_ls_mlp(self.ct_mlp(self.ct_norm2(t))))
         return raster_to_carriers(t, nh, nw, ct)
+
+    def fuse(self) -> HatBlock:
+        """Inference form (timm ``reparameterize_model`` calls this): LayerScale gammas folded into the output
+        linears, GELU and residual adds fused into them (``fused.FusedLinear``). Drop path is inactive."""
+        if self.fused:
+            return self
+
+        def gamma(ls: nn.Module) -> Tensor | None:
+            return ls.gamma if isinstance(ls, LayerScale) else None
+
+        self.attn.fuse_projections(gamma(self.ls_attn))
+        self.mlp = FusedMlp(self.mlp.fc1, self.mlp.fc2, gamma(self.ls_mlp))
+        if self.hat:  # ct_ls_attn stays: carrier propagation uses its gamma
+            self.ct_attn.fuse_projections(gamma(self.ct_ls_attn))
+            self.ct_mlp = FusedMlp(self.ct_mlp.fc1, self.ct_mlp.fc2, gamma(self.ct_ls_mlp))
+        self.fused = True
+        return self
 
     def forward(self, z: Tensor, t: Tensor | None, h: int, w: int) -> tuple[Tensor, Tensor | None]:
         """``z``: window tokens (B*nW, ws*ws, C) of an ``h x w`` map padded to whole windows;
@@ -467,8 +522,12 @@ class HatBlock(nn.Module):
         else:
             u = z
         bias = self.attn.rel_pos(ws, ws, num_prefix=num_ct, map_size=(h, w))
-        u = u + self._per_image_drop(self.ls_attn(self.attn(self.norm1(u), bias)), n_windows)
-        u = u + self._per_image_drop(self.ls_mlp(self.mlp(self.norm2(u))), n_windows)
+        if self.fused:
+            u = self.attn(self.norm1(u), bias, residual=u)
+            u = self.mlp(self.norm2(u), residual=u)
+        else:
+            u = u + self._per_image_drop(self.ls_attn(self.attn(self.norm1(u), bias)), n_windows)
+            u = u + self._per_image_drop(self.ls_mlp(self.mlp(self.norm2(u))), n_windows)
         if t is None:
             return u, None
         t_win, z = u.split([num_ct, ws * ws], dim=1)
@@ -688,12 +747,15 @@ class FasterViT(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool)
 
     def fuse(self) -> FasterViT:
-        """Inference form: BatchNorms folded into the preceding convs (stem and conv stages), in place.
+        """Inference form, in place (see ``open_fastervit.fused``): BatchNorms folded into the convs before them,
+        LayerScales into the linears before them, activations and residual adds fused into the producing layer,
+        and, on CPU with oneDNN, weights pre-packed for oneDNN kernels (fp32 and bf16).
 
-        Outputs are unchanged up to fp32 rounding; the fused model is for inference only (no BN to train).
+        Outputs are unchanged up to fp32 rounding. The fused model is for inference only (no BatchNorm or drop
+        path to train); it runs on any device, and under autograd, tracing, export or compile it takes plain ops.
         """
-        for m in self.modules():
-            if isinstance(m, TwoConvBN):
+        for m in list(self.modules()):
+            if m is not self and isinstance(m, (TwoConvBN, Downsample, HatBlock)):
                 m.fuse()
         return self
 

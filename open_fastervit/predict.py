@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from timm.data.readers.img_extensions import get_img_extensions
 
+from open_fastervit.fused import inference_form
 from open_fastervit.labels import IMAGENET_1K, class_names_of, imagenet_class_names, open_eval_dataset
 from open_fastervit.validate import add_model_args, data_config_for, default_device, load_model
 
@@ -108,10 +109,12 @@ def predict(
     img_size: int | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 16,
+    fuse: bool = True,
 ) -> list[Prediction]:
     """Top-k classes of each image, preprocessed with the model's evaluation transform.
 
-    ``model`` is a timm name (None: the checkpoint's architecture) or a module.
+    ``model`` is a timm name (None: the checkpoint's architecture) or a module. A model loaded here runs in its
+    exact inference form (``fused.inference_form``) unless ``fuse=False``; a module passed in is used as it is.
 
     Raises:
         ImageReadError: an image is missing or unreadable (all images are opened before any inference).
@@ -121,10 +124,13 @@ def predict(
     paths = expand_images(images)
     pictures = [load_image(p) for p in paths]
     info: dict = {}
-    if model is None or isinstance(model, str):
+    loaded_here = model is None or isinstance(model, str)
+    if loaded_here:
         model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema)
     device = torch.device(device) if device is not None else default_device()
     model = model.eval().to(device)
+    if fuse and loaded_here:
+        model = inference_form(model)
     names = resolve_class_names(model.num_classes, classes, info)
     transform = create_transform(**data_config_for(model, info, img_size=img_size))
     k = min(topk, model.num_classes)
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         preds = predict(
             args.images, args.model, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs,
             classes=args.classes, topk=args.topk, use_ema=not args.raw, img_size=args.img_size,
-            device=args.device,
+            device=args.device, fuse=args.fuse,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"fastervit predict: error: {e}", file=sys.stderr)

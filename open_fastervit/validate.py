@@ -32,6 +32,7 @@ from open_fastervit.convert import (
     load_checkpoint_file,
     official_to_ours,
 )
+from open_fastervit.fused import inference_form
 from open_fastervit.labels import load_label_map, open_eval_dataset
 
 __all__ = ["add_model_args", "evaluate", "load_model", "read_checkpoint", "validate"]
@@ -306,6 +307,7 @@ def validate(
     workers: int | None = None,
     device: str | torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
+    fuse: bool = True,
 ) -> dict:
     """Top-1/top-5 and loss of a model (timm name and/or checkpoint, or a module) on a dataset folder.
 
@@ -313,15 +315,19 @@ def validate(
     crop_mode such as ``squash``, interpolation, mean/std) via timm's ``create_loader``.
     ``data`` is an ImageFolder (``split`` sub-folder used when present) or a flat folder with a
     ``labels.csv``; ``label_map`` (``'in1k'``, a CSV path or a dict) maps its targets to model outputs.
+    A model loaded here runs in its exact inference form (``fused.inference_form``) unless ``fuse=False``;
+    a module passed in is used as it is.
 
     Returns:
         :func:`evaluate`'s metrics plus the model, weights, data and preprocessing used and the time taken.
     """
     info: dict = {"weights": "module"}
+    device = torch.device(device) if device is not None else default_device()
     if model is None or isinstance(model, str):
         model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema)
+        if fuse:
+            model = inference_form(model.to(device))
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    device = torch.device(device) if device is not None else default_device()
     dataset = open_eval_dataset(data, split=split, label_column=label_column)
     config = data_config_for(model, info, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
                              interpolation=interpolation)
@@ -380,6 +386,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="use the raw weights of a training checkpoint instead of its EMA weights")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: from the model cfg)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--no-fuse", dest="fuse", action="store_false",
+                        help="run the model as built instead of its fused inference form (same outputs, slower)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             split=args.split, label_map=args.label_map, label_column=args.label_column, use_ema=not args.raw,
             img_size=args.img_size, crop_pct=args.crop_pct, crop_mode=args.crop_mode,
             interpolation=args.interpolation, batch_size=args.batch_size, workers=args.workers,
-            device=args.device, amp_dtype=AMP_DTYPES[args.amp],
+            device=args.device, amp_dtype=AMP_DTYPES[args.amp], fuse=args.fuse,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"fastervit validate: error: {e}", file=sys.stderr)

@@ -56,6 +56,9 @@ def test_class_names_from_checkpoint_metadata_or_dataset(tmp_path):
     assert len(preds) == 2 and all(len(p.labels) == 3 for p in preds)
     assert all(label in names for p in preds for label in p.labels)
     assert [p.indices for p in preds] == [p.indices for p in predict(first, model, topk=3, img_size=64)]
+    plain = predict(first, checkpoint=weights, topk=3, device="cpu", fuse=False)  # loaded models run fused
+    for a, b in zip(preds, plain):
+        assert a.indices == b.indices and a.probs == pytest.approx(b.probs, rel=1e-4)
     from_data = predict(first[:1], model, classes=data_path("tiny-imagenet-10"), topk=10, img_size=64)[0]
     assert sorted(from_data.labels)[:3] == ["alp", "banana", "goldfish"]  # names from classes.csv
     assert resolve_class_names(3) == ["0", "1", "2"]

@@ -1,0 +1,195 @@
+"""Inference form of FasterViT's layers, built by ``FasterViT.fuse()``.
+
+Three exact rewrites (same function up to fp32 rounding), each a standard deployment step:
+
+* BatchNorm folded into the conv before it; LayerScale ``gamma`` folded into the linear before it;
+* the activation (GELU, ReLU) and the residual add carried out by the conv / linear that produces the branch;
+* on CPU, the weights pre-packed once into oneDNN's blocked layout and the layer run as one oneDNN primitive
+  with the activation / add as post-ops (``torch.ops.mkldnn._linear_pointwise`` and
+  ``_convolution_pointwise``, the kernels behind torch.compile's CPU backend), in fp32 or bf16. Under bf16
+  autocast the packed bf16 weights replace the per-call weight casts.
+
+The packed kernels run only where they are valid: CPU tensors, no autograd, no tracing, compiling or export
+(those see the plain ``F.linear`` / ``F.conv2d`` path, which inductor fuses on its own), fp32 or bf16, and, for
+convolutions, channels_last inputs. Everywhere else (CUDA, fp16, gradients) the same module computes the same
+function with plain ops. Packed weights are a cache keyed by device, dtype and the weights' version counters,
+so ``.to()``, ``load_state_dict`` and in-place edits never leave a stale copy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FusedConv2d", "FusedLinear", "FusedMlp", "inference_form", "onednn_available"]
+
+_ACTS = ("none", "gelu", "relu")
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """True when this torch build has the oneDNN pointwise-fusion kernels and they compute correctly."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        ops = torch.ops.mkldnn
+        x, w, b = torch.randn(5, 8), torch.randn(4, 8), torch.randn(4)
+        y = ops._linear_pointwise(x, ops._reorder_linear_weight(w, 5), b, "gelu", [], "none")
+        if not torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5):
+            return False
+        xc = torch.randn(1, 8, 6, 6).to(memory_format=torch.channels_last)
+        wc = torch.randn(4, 8, 3, 3)
+        pc = ops._reorder_convolution_weight(wc, [1, 1], [1, 1], [1, 1], 1, list(xc.shape))
+        yc = ops._convolution_pointwise(xc, pc, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        return bool(torch.allclose(yc, F.relu(F.conv2d(xc, wc, b, padding=1)), atol=1e-4))
+    except Exception:  # ops missing or failing in this build: the plain path is used
+        return False
+
+
+def kernel_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype a packed oneDNN kernel would run this call in, or None for the plain path.
+
+    None on other devices, with autograd recording, while tracing/compiling/exporting (tensor subclasses such as
+    FakeTensor included), and for dtypes other than fp32/bf16. Under CPU autocast: bf16 when that is its dtype.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return None
+    if x.device.type != "cpu" or type(x) is not Tensor or not onednn_available():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
+
+
+def _activate(y: Tensor, act: str) -> Tensor:
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "relu":
+        return F.relu(y)
+    return y
+
+
+class _Packed(nn.Module):
+    """Weight + bias (Parameters, so ``.to()``/state_dict/parameter counts behave) and the packed-weight cache."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, act: str) -> None:
+        super().__init__()
+        if act not in _ACTS:
+            raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.act = act
+        self._packed: dict[torch.dtype, tuple[tuple, Tensor, Tensor | None]] = {}  # per kernel dtype
+
+    def _pack(self, weight: Tensor, hint: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def packed(self, dtype: torch.dtype, hint: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Packed weight and bias in ``dtype`` (built on first use, rebuilt after any change of the weights)."""
+        w, b = self.weight, self.bias
+        version = (w.device, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        hit = self._packed.get(dtype)
+        if hit is None or hit[0] != version:
+            with torch.no_grad():
+                hit = (version, self._pack(w.detach().to(dtype), hint), None if b is None else b.detach().to(dtype))
+            self._packed[dtype] = hit
+        return hit[1], hit[2]
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() ...: drop packed copies
+        self._packed.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: packed (opaque) tensors are a cache, not state
+        return {**self.__dict__, "_packed": {}}
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+
+class FusedLinear(_Packed):
+    """``act(x W^T + b) (+ residual)``: a linear layer with its activation or residual add fused.
+
+    Built from an ``nn.Linear``; ``scale`` (a LayerScale gamma applied after the layer) is folded into W and b.
+    """
+
+    def __init__(self, linear: nn.Linear, act: str = "none", scale: Tensor | None = None) -> None:
+        weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        if scale is not None:
+            weight = weight * scale.detach()[:, None]
+            bias = None if bias is None else bias * scale.detach()
+        super().__init__(weight, bias, act)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def _pack(self, weight: Tensor, hint: Tensor) -> Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, max(1, hint.numel() // self.in_features))
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        dtype = kernel_dtype(x, self.weight)
+        if dtype is None or (residual is not None and self.act != "none"):
+            y = _activate(F.linear(x, self.weight, self.bias), self.act)
+            return y if residual is None else residual + y
+        w, b = self.packed(dtype, x)
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        if residual is None:
+            y = torch.ops.mkldnn._linear_pointwise(x2, w, b, self.act, [], "none" if self.act == "gelu" else "")
+        else:
+            r = residual.reshape(-1, self.out_features).to(dtype)
+            y = torch.ops.mkldnn._linear_pointwise.binary(x2, r, w, b, "add")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class FusedConv2d(_Packed):
+    """``act(conv(x)) (+ residual)``: a conv (BatchNorm already folded) with its activation or residual add fused."""
+
+    def __init__(self, conv: nn.Conv2d, act: str = "none") -> None:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("FusedConv2d needs numeric zero padding")
+        super().__init__(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), act)
+        self.stride, self.padding, self.dilation, self.groups = (
+            list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+
+    def _pack(self, weight: Tensor, hint: Tensor) -> Tensor:
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight, self.padding, self.stride, self.dilation, self.groups, list(hint.shape))
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        dtype = kernel_dtype(x, self.weight)
+        if (dtype is None or self.groups != 1 or not x.is_contiguous(memory_format=torch.channels_last)
+                or (residual is not None and self.act != "none")):
+            y = _activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups),
+                          self.act)
+            return y if residual is None else y + residual
+        w, b = self.packed(dtype, x)
+        args = (self.padding, self.stride, self.dilation, self.groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x.to(dtype), w, b, *args, self.act, [], "none" if self.act == "gelu" else "")
+        r = residual.to(dtype).contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._convolution_pointwise.binary(x.to(dtype), r, w, b, *args, "add", None, None, [], None)
+
+
+class FusedMlp(nn.Module):
+    """Transformer MLP in inference form: ``fc2(GELU(fc1(x))) * gamma + residual`` as two fused linears."""
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, scale: Tensor | None = None) -> None:
+        super().__init__()
+        self.fc1 = FusedLinear(fc1, act="gelu")
+        self.fc2 = FusedLinear(fc2, scale=scale)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self.fc2(self.fc1(x), residual=residual)
+
+
+def inference_form(model: nn.Module) -> nn.Module:
+    """``model`` (in place) in its fastest exact inference form: eval mode, ``fuse()`` when it has one (else timm's
+    ``reparameterize_model``), and channels_last for 4-D weights, the layout oneDNN and cuDNN convolutions prefer."""
+    from timm.utils.model import reparameterize_model
+
+    model.eval()
+    model = model.fuse() or model if hasattr(model, "fuse") else reparameterize_model(model, inplace=True)
+    return model.to(memory_format=torch.channels_last)

@@ -1,0 +1,199 @@
+"""The inference form (``model.fuse()``, ``open_fastervit.fused``): packed oneDNN kernels give the plain outputs.
+
+Every check runs the same fused model on the fast path (CPU, no autograd, fp32/bf16) and compares it with the
+unfused model; the packed kernels are required to have actually run (spied), so a silent fallback fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+from conftest import TINY, randomise
+from timm.utils import reparameterize_model
+
+from open_fastervit import fused as fused_mod
+from open_fastervit.fused import FusedConv2d, FusedLinear, FusedMlp, kernel_dtype, onednn_available
+from open_fastervit.model import ConvBlock, HatBlock
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN fusion kernels")
+
+
+def tiny(**kwargs) -> torch.nn.Module:
+    return randomise(timm.create_model("fastervit_0", **{**TINY, **kwargs}), spread=0.2).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """Counts the packed-kernel calls of FusedLinear / FusedConv2d (through ``packed``)."""
+    calls = {"FusedLinear": 0, "FusedConv2d": 0}
+    for cls in (FusedLinear, FusedConv2d):
+        original = cls.packed
+
+        def spy(self, dtype, hint, _original=original, _name=cls.__name__):
+            calls[_name] += 1
+            return _original(self, dtype, hint)
+
+        monkeypatch.setattr(cls, "packed", spy)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("size", [(64, 64), (70, 90)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_matches_plain_fp32(size, channels_last, kernel_calls) -> None:
+    model = tiny()
+    fused = copy.deepcopy(model).fuse()
+    x = torch.randn(3, 3, *size)
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        out = fused(x)
+        feats = fused.forward_intermediates(x, intermediates_only=True)
+        ref_feats = model.forward_intermediates(x, intermediates_only=True)
+    assert rel_err(out, ref) < 1e-5
+    for a, b in zip(feats, ref_feats):
+        assert rel_err(a, b) < 1e-5
+    assert kernel_calls["FusedLinear"] > 0
+    if channels_last:  # packed convs take channels_last inputs (NCHW models still reach them after LayerNorm2d)
+        assert kernel_calls["FusedConv2d"] >= 2 + 2 * 2  # stem, both conv blocks, ...
+
+
+def test_fuse_rewrites_every_layer_once() -> None:
+    model = tiny()
+    fused = copy.deepcopy(model).fuse()
+    assert all(b.fused for b in fused.modules() if isinstance(b, (HatBlock, ConvBlock)))
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, timm.layers.Mlp)) for m in fused.stages.modules())
+    assert isinstance(fused.stem.conv1, FusedConv2d) and fused.stem.conv1.act == "relu"
+    blk = fused.stages[2].blocks[0]
+    assert isinstance(blk.mlp, FusedMlp) and blk.mlp.fc1.act == "gelu" and isinstance(blk.attn.proj, FusedLinear)
+    # LayerScale folded: proj weight = gamma * W
+    plain = model.stages[2].blocks[0]
+    torch.testing.assert_close(blk.attn.proj.weight, plain.attn.proj.weight * plain.ls_attn.gamma[:, None])
+    # fuse() is idempotent, timm's reparameterize_model reaches the same form (no double wrapping)
+    again = copy.deepcopy(fused).fuse()
+    timm_fused = reparameterize_model(copy.deepcopy(model))
+    sd, sd_again, sd_timm = fused.state_dict(), again.state_dict(), timm_fused.state_dict()
+    assert sd.keys() == sd_again.keys() == sd_timm.keys()
+    for k in sd:
+        torch.testing.assert_close(sd[k], sd_timm[k])
+        torch.testing.assert_close(sd[k], sd_again[k])
+
+
+@needs_onednn
+def test_fused_bf16_autocast_uses_packed_bf16_and_stays_close(kernel_calls) -> None:
+    model = tiny()
+    fused = copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 70, 90).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain_bf16 = model(x)
+            out = fused(x)
+        fp32_again = fused(x)  # the fp32 packed weights live beside the bf16 ones
+    assert out.dtype == torch.bfloat16
+    assert kernel_calls["FusedLinear"] > 0 and kernel_calls["FusedConv2d"] > 0
+    assert rel_err(out, ref) < max(3 * rel_err(plain_bf16, ref), 2e-2)
+    assert rel_err(fp32_again, ref) < 1e-5
+    dtypes = {d for m in fused.modules() if isinstance(m, FusedLinear) for d in m._packed}
+    assert dtypes == {torch.float32, torch.bfloat16}
+
+
+@needs_onednn
+def test_pure_bf16_model_runs_packed(kernel_calls) -> None:
+    model = tiny()
+    fused = copy.deepcopy(model).fuse().to(torch.bfloat16, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = fused(x.to(torch.bfloat16, memory_format=torch.channels_last))
+        ref = model(x)
+    assert out.dtype == torch.bfloat16 and kernel_calls["FusedLinear"] > 0
+    assert rel_err(out, ref) < 5e-2
+
+
+def test_fused_model_with_autograd_takes_plain_path_and_differentiates(kernel_calls) -> None:
+    fused = tiny().fuse()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    with torch.no_grad():
+        ref = fused(x)
+    calls_no_grad = dict(kernel_calls)
+    out = fused(x)
+    assert kernel_calls == calls_no_grad  # no packed kernel under autograd
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert rel_err(out.detach(), ref) < 1e-5
+
+
+@needs_onednn
+def test_packed_weights_never_stale() -> None:
+    fused = tiny().fuse().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused(x)  # packs
+        lin = fused.stages[2].blocks[0].mlp.fc2
+        conv = fused.stages[0].blocks[0].conv1
+        lin.weight.mul_(1.5)
+        conv.weight.mul_(0.5)
+        fresh = copy.deepcopy(fused)  # deepcopy drops packed copies
+        assert all(not m._packed for m in fresh.modules() if isinstance(m, (FusedLinear, FusedConv2d)))
+        torch.testing.assert_close(fused(x), fresh(x))
+        other = tiny().fuse()
+        fused.load_state_dict(other.state_dict())
+        assert rel_err(fused(x), other(x)) < 1e-5
+        double = fused.to(torch.float64)  # plain path in fp64
+        assert all(not m._packed for m in double.modules() if isinstance(m, (FusedLinear, FusedConv2d)))
+        assert double(x.double()).dtype == torch.float64
+    buffer = io.BytesIO()  # a used fused model pickles (packed copies are not state)
+    torch.save(fused, buffer)
+    assert buffer.tell() > 0
+
+
+def test_kernel_dtype_rules() -> None:
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    available = onednn_available()
+    with torch.no_grad():
+        assert kernel_dtype(x, w) == (torch.float32 if available else None)
+        assert kernel_dtype(x.double(), w) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernel_dtype(x, w) == (torch.bfloat16 if available else None)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert kernel_dtype(x, w) is None
+    assert kernel_dtype(x, w.requires_grad_()) is None  # autograd recording
+    assert kernel_dtype(x.requires_grad_(), torch.randn(8, 8)) is None
+
+
+def test_fused_model_exports_and_compiles_on_plain_ops() -> None:
+    fused = tiny().fuse()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = fused(x)
+    exported = torch.export.export(fused, (x,))
+    assert not any("mkldnn" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), ref, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(fused, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_without_onednn_the_fused_model_runs_plain_ops(monkeypatch, kernel_calls) -> None:
+    fused_mod.onednn_available.cache_clear()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    try:
+        assert fused_mod.onednn_available() is False
+        model = tiny()
+        fused = copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            assert rel_err(fused(x.to(memory_format=torch.channels_last)), model(x)) < 1e-5
+        assert kernel_calls == {"FusedLinear": 0, "FusedConv2d": 0}
+    finally:
+        fused_mod.onednn_available.cache_clear()
