@@ -197,3 +197,21 @@ def test_without_onednn_the_fused_model_runs_plain_ops(monkeypatch, kernel_calls
         assert kernel_calls == {"FusedLinear": 0, "FusedConv2d": 0}
     finally:
         fused_mod.onednn_available.cache_clear()
+
+
+def test_onednn_kernels_found_on_x86() -> None:
+    """On x86 builds with oneDNN (CI) the fast path must be active, not silently skipped."""
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        fused_mod.onednn_available.cache_clear()
+        for seed in range(20):  # the probe must not depend on the caller's RNG state ...
+            torch.manual_seed(seed)
+            fused_mod.onednn_available.cache_clear()
+            assert onednn_available()
+        for dtype in (torch.bfloat16, torch.float16):  # ... nor on its autocast state when first called
+            fused_mod.onednn_available.cache_clear()
+            with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+                assert onednn_available()
+    else:
+        pytest.skip("not an x86 oneDNN build")
