@@ -967,11 +967,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default: {','.join(map(str, DEFAULT_SCALING_SIZES))}")
     p.add_argument("--scaling-batch", type=int, default=1, help="batch of the size sweep")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="models and inputs in channels_last (--quick: on)")
     p.add_argument("--compile", dest="compile_mode", nargs="?", const="default", default=None,
                    metavar="MODE", help="torch.compile (MODE: default, reduce-overhead, max-autotune)")
-    p.add_argument("--fuse", action="store_true",
-                   help="inference: model.fuse() or timm reparameterize_model when the model has it")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False,
+                   help="inference: each model's inference form, model.fuse() or timm reparameterize_model "
+                        "(--quick: on)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
     p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds")
@@ -992,13 +994,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="about a minute on 2 CPU cores: batch 1,8, train batch 4, 1 warm-up, 3 rounds, "
-                        "sizes 224,448 (explicit options still win)")
+                        "sizes 224,448, --fuse --channels-last (explicit options still win)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 QUICK = {"batch_sizes": [1, 8], "train_batch": 4, "warmup": 1, "rounds": 3, "iters": 1,
-         "scaling_sizes": [224, 448]}
+         "scaling_sizes": [224, 448], "fuse": True, "channels_last": True}
 
 
 def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConfig:
@@ -1008,7 +1010,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConf
     values["top1"] = parse_top1(args.top1)
     values["command"] = " ".join(["fastervit", "bench", *argv])
     if args.quick:
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        given = {a.split("=")[0].replace("--no-", "--") for a in argv if a.startswith("--")}
         for key, value in QUICK.items():
             if f"--{key.replace('_', '-')}" not in given:
                 values[key] = value

@@ -13,7 +13,8 @@ The packed kernels run only where they are valid: CPU tensors, no autograd, no t
 (those see the plain ``F.linear`` / ``F.conv2d`` path, which inductor fuses on its own), fp32 or bf16, and, for
 convolutions, channels_last inputs. Everywhere else (CUDA, fp16, gradients) the same module computes the same
 function with plain ops. Packed weights are a cache keyed by device, dtype and the weights' version counters,
-so ``.to()``, ``load_state_dict`` and in-place edits never leave a stale copy.
+so ``.to()``, ``load_state_dict`` and in-place edits never leave a stale copy. They cost one copy of the
+weights per dtype used; ``FasterViT.fuse(pack=False)`` keeps the folding and fusion without them.
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ def _probe_onednn() -> bool:
         ops = torch.ops.mkldnn
         g = torch.Generator().manual_seed(0)  # private generator: the probe leaves the global RNG alone
         x, w, b = torch.randn(5, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
-        y = ops._linear_pointwise(x, ops._reorder_linear_weight(w, 5), b, "gelu", [], "none")
-        if not torch.allclose(y, F.gelu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4):
-            return False
+        pw = ops._reorder_linear_weight(w, 5)
+        ref = F.linear(x, w, b)
+        y = ops._linear_pointwise(x, pw, b, "gelu", [], "none")
+        y_add = ops._linear_pointwise.binary(x, ref, pw, b, "add")
         xc = torch.randn(1, 8, 6, 6, generator=g).to(memory_format=torch.channels_last)
         wc = torch.randn(4, 8, 3, 3, generator=g)
         pc = ops._reorder_convolution_weight(wc, [1, 1], [1, 1], [1, 1], 1, list(xc.shape))
-        yc = ops._convolution_pointwise(xc, pc, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
-        return bool(torch.allclose(yc, F.relu(F.conv2d(xc, wc, b, padding=1)), rtol=1e-4, atol=1e-4))
+        ref_c = F.conv2d(xc, wc, b, padding=1)
+        geometry = ([1, 1], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups
+        yc = ops._convolution_pointwise(xc, pc, b, *geometry, "relu", [], "")
+        yc_add = ops._convolution_pointwise.binary(xc, ref_c, pc, b, *geometry, "add", None, None, [], None)
+        pairs = ((y, F.gelu(ref)), (y_add, 2 * ref), (yc, F.relu(ref_c)), (yc_add, 2 * ref_c))
+        return all(bool(torch.allclose(a, e, rtol=1e-4, atol=1e-4)) for a, e in pairs)
     except Exception:  # ops missing or failing in this build: the plain path is used
         return False
 
@@ -92,6 +98,7 @@ class _Packed(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         self.act = act
+        self.use_packed = True  # False: never pack (saves the packed copy of the weights), plain ops only
         self._packed: dict[torch.dtype, tuple[tuple, Tensor, Tensor | None]] = {}  # per kernel dtype
 
     def _pack(self, weight: Tensor, hint: Tensor) -> Tensor:
@@ -137,7 +144,7 @@ class FusedLinear(_Packed):
         return torch.ops.mkldnn._reorder_linear_weight(weight, max(1, hint.numel() // self.in_features))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        dtype = kernel_dtype(x, self.weight)
+        dtype = kernel_dtype(x, self.weight) if self.use_packed else None
         if dtype is None or (residual is not None and self.act != "none"):
             y = _activate(F.linear(x, self.weight, self.bias), self.act)
             return y if residual is None else residual + y
@@ -166,7 +173,7 @@ class FusedConv2d(_Packed):
             weight, self.padding, self.stride, self.dilation, self.groups, list(hint.shape))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        dtype = kernel_dtype(x, self.weight)
+        dtype = kernel_dtype(x, self.weight) if self.use_packed else None
         if (dtype is None or self.groups != 1 or not x.is_contiguous(memory_format=torch.channels_last)
                 or (residual is not None and self.act != "none")):
             y = _activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups),

@@ -746,10 +746,11 @@ class FasterViT(nn.Module):
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def fuse(self) -> FasterViT:
+    def fuse(self, pack: bool = True) -> FasterViT:
         """Inference form, in place (see ``open_fastervit.fused``): BatchNorms folded into the convs before them,
         LayerScales into the linears before them, activations and residual adds fused into the producing layer,
-        and, on CPU with oneDNN, weights pre-packed for oneDNN kernels (fp32 and bf16).
+        and, on CPU with oneDNN, weights pre-packed for oneDNN kernels (fp32 and bf16) on first use (``pack=False``:
+        no packed copies, which cost one copy of the weights per dtype used).
 
         Outputs are unchanged up to fp32 rounding. The fused model is for inference only (no BatchNorm or drop
         path to train); it runs on any device, and under autograd, tracing, export or compile it takes plain ops.
@@ -757,6 +758,11 @@ class FasterViT(nn.Module):
         for m in list(self.modules()):
             if m is not self and isinstance(m, (TwoConvBN, Downsample, HatBlock)):
                 m.fuse()
+        for m in self.modules():
+            if isinstance(m, (FusedConv2d, FusedLinear)):
+                m.use_packed = pack
+                if not pack:
+                    m._packed.clear()
         return self
 
     @torch.jit.ignore

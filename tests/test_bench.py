@@ -177,6 +177,10 @@ def test_quick_fills_only_options_not_given():
     cfg = bench.config_from_args(bench.build_parser().parse_args(argv), argv)
     assert (cfg.rounds, cfg.warmup, cfg.batch_sizes, cfg.train_batch) == (5, 1, [1, 8], 4)
     assert cfg.models == ["resnet18"] and cfg.command == "fastervit bench " + " ".join(argv)
+    assert cfg.fuse and cfg.channels_last  # each model in its inference form
+    argv = ["--quick", "--no-fuse"]
+    cfg = bench.config_from_args(bench.build_parser().parse_args(argv), argv)
+    assert not cfg.fuse and cfg.channels_last
 
 
 def test_peak_tensor_memory_counts_live_tensors_only():

@@ -215,3 +215,13 @@ def test_onednn_kernels_found_on_x86() -> None:
                 assert onednn_available()
     else:
         pytest.skip("not an x86 oneDNN build")
+
+
+def test_fuse_without_packing_keeps_no_packed_copies(kernel_calls) -> None:
+    model = tiny()
+    fused = copy.deepcopy(model).fuse(pack=False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(fused(x.to(memory_format=torch.channels_last)), model(x)) < 1e-5
+    assert kernel_calls == {"FusedLinear": 0, "FusedConv2d": 0}
+    assert all(not m._packed for m in fused.modules() if isinstance(m, (FusedLinear, FusedConv2d)))
