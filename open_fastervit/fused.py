@@ -206,5 +206,8 @@ def inference_form(model: nn.Module) -> nn.Module:
     from timm.utils.model import reparameterize_model
 
     model.eval()
-    model = model.fuse() or model if hasattr(model, "fuse") else reparameterize_model(model, inplace=True)
+    if hasattr(model, "fuse"):
+        model = model.fuse() or model
+    else:
+        model = reparameterize_model(model, inplace=True)
     return model.to(memory_format=torch.channels_last)
