@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from timm.models import clean_state_dict
 from torch import Tensor, nn
 
 __all__ = [
@@ -94,20 +95,39 @@ def load_checkpoint_file(path: str | Path) -> dict:
     return dict(obj)
 
 
-def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, Tensor]:
-    """The weights inside a checkpoint dict (``state_dict``, ``state_dict_ema``, ``model``, or itself)."""
-    keys = ("state_dict_ema", "model_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
-    for key in keys:
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
+#: Keys of a checkpoint dict holding weights: timm's CheckpointSaver layout (``state_dict`` / ``state_dict_ema``), which
+#: our trainer's checkpoints and the official files share, and the ``model`` / ``model_ema`` variant timm also reads.
+EMA_KEYS = ("state_dict_ema", "model_ema")
+RAW_KEYS = ("state_dict", "model")
+
+
+def select_weights(checkpoint: Mapping, ema: str = "avoid") -> tuple[dict[str, Tensor], str]:
+    """The weights inside a checkpoint dict, and which they are: ``"ema"``, ``"raw"`` or ``"plain"`` (a state dict).
+
+    ``ema``: ``"require"`` the EMA weights (error without them), ``"prefer"`` them when present, or ``"avoid"``
+    them unless the checkpoint holds nothing else. Keys lose DDP / torch.compile prefixes (timm
+    ``clean_state_dict``).
+    """
+    if ema not in ("require", "prefer", "avoid"):
+        raise ValueError(f"ema must be 'require', 'prefer' or 'avoid', got {ema!r}")
+    ema_key = next((k for k in EMA_KEYS if isinstance(checkpoint.get(k), Mapping) and checkpoint[k]), None)
+    raw_key = next((k for k in RAW_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+    if ema == "require" and ema_key is None:
+        raise CheckpointError("use_ema=True but the checkpoint has no state_dict_ema/model_ema")
+    if ema_key and (ema != "avoid" or raw_key is None):
+        chosen, kind = ema_key, "ema"
     else:
-        if use_ema:
-            raise CheckpointError("use_ema=True but the checkpoint has no state_dict_ema/model_ema")
-    state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+        chosen, kind = (raw_key, "raw") if raw_key else (None, "plain")
+    source = checkpoint[chosen] if chosen else checkpoint
+    state = clean_state_dict({k: v for k, v in source.items() if isinstance(v, Tensor)})
     if not state:
-        raise CheckpointError("the checkpoint holds no tensors")
-    return state
+        raise CheckpointError(f"the checkpoint holds no weights (keys: {sorted(map(str, checkpoint))[:8]})")
+    return state, kind
+
+
+def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, Tensor]:
+    """The weights inside a checkpoint dict: ``state_dict`` (or ``state_dict_ema`` with ``use_ema``), or itself."""
+    return select_weights(checkpoint, "require" if use_ema else "avoid")[0]
 
 
 def is_official_state_dict(state_dict: Mapping[str, Tensor]) -> bool:

@@ -246,7 +246,7 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, list[s
     """The model with its initial weights; returns it and the list of re-initialised classifier keys."""
     import timm
 
-    from .convert import extract_state_dict, load_checkpoint_file, load_official_checkpoint, load_official_state_dict
+    from .convert import load_checkpoint_file, load_official_checkpoint, load_official_state_dict, select_weights
 
     kwargs = dict(cfg.model_kwargs)
     if cfg.drop_path is not None:
@@ -264,8 +264,7 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, list[s
     if not cfg.pretrained:
         return model, []
     checkpoint = load_checkpoint_file(cfg.pretrained)  # ours: safetensors or a training checkpoint (EMA first)
-    has_ema = isinstance(checkpoint.get("state_dict_ema"), dict) and bool(checkpoint["state_dict_ema"])
-    state = extract_state_dict(checkpoint, use_ema=has_ema)
+    state, _ = select_weights(checkpoint, "prefer")
     return model, load_official_state_dict(model, state)["reinitialized"]
 
 

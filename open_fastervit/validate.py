@@ -22,7 +22,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import create_loader, resolve_data_config
-from timm.models import clean_state_dict
 from timm.utils import AverageMeter, accuracy
 
 from open_fastervit.convert import (
@@ -31,6 +30,7 @@ from open_fastervit.convert import (
     is_official_state_dict,
     load_checkpoint_file,
     official_to_ours,
+    select_weights,
 )
 from open_fastervit.fused import inference_form
 from open_fastervit.labels import load_label_map, open_eval_dataset
@@ -131,10 +131,6 @@ def evaluate(
 # checkpoints and models
 # --------------------------------------------------------------------------------------------------
 
-#: Keys of a checkpoint dict holding weights, EMA first: timm's CheckpointSaver layout, which our trainer's
-#: ``last.pt`` and the official files share, and the ``model`` / ``model_ema`` variant timm also reads.
-EMA_KEYS = ("state_dict_ema", "model_ema")
-RAW_KEYS = ("state_dict", "model")
 #: Keys of a checkpoint dict (or safetensors metadata, JSON-encoded) that carry metadata we use.
 META_KEYS = ("class_names", "data_config", "model_kwargs", "img_size", "architecture")
 
@@ -155,10 +151,6 @@ def _safetensors_meta(path: Path) -> dict:
     return meta
 
 
-def _tensors(state: Mapping) -> dict[str, torch.Tensor]:
-    return clean_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
-
-
 def read_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and metadata from a ``.safetensors`` file or a ``.pt``/``.pth``/``.pth.tar`` checkpoint.
 
@@ -172,20 +164,14 @@ def read_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[dict[str, t
     """
     path = Path(path)
     obj = load_checkpoint_file(path)
+    try:
+        state, kind = select_weights(obj, "prefer" if use_ema else "avoid")
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     if path.suffix == ".safetensors":
-        return _tensors(obj), {"weights": "plain", **_safetensors_meta(path)}
-    info = {k: obj[k] for k in META_KEYS if k in obj and not isinstance(obj[k], torch.Tensor)}
-    ema = next((k for k in EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
-    raw = next((k for k in RAW_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if use_ema and ema:
-        chosen, kind = ema, "ema"
-    elif raw or ema:
-        chosen, kind = (raw, "raw") if raw else (ema, "ema")
+        info = _safetensors_meta(path)
     else:
-        chosen, kind = None, "plain"
-    state = _tensors(obj[chosen] if chosen else obj)
-    if not state:
-        raise CheckpointError(f"{path} holds no weights (keys: {sorted(obj)[:8]})")
+        info = {k: obj[k] for k in META_KEYS if k in obj and not isinstance(obj[k], torch.Tensor)}
     return state, {"weights": kind, **info}
 
 

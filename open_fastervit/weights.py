@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .convert import CheckpointError, check_fit, load_checkpoint_file
+from .convert import CheckpointError, check_fit, load_checkpoint_file, select_weights
 
 __all__ = ["save_weights", "load_weights", "atomic_write"]
 
@@ -49,11 +49,13 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    """Load safetensors (or a checkpoint written by ``fastervit train``) into ``model``, with clear errors."""
-    state = load_checkpoint_file(path)
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True, use_ema: bool = False) -> nn.Module:
+    """Load safetensors (or a checkpoint written by ``fastervit train``: its raw weights, or with ``use_ema`` its
+    EMA weights) into ``model``, with clear errors."""
+    try:
+        state, _ = select_weights(load_checkpoint_file(path), "require" if use_ema else "avoid")
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if strict:
         try:
             check_fit(model, state, what=f"weights file {path}")

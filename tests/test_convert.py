@@ -177,3 +177,21 @@ def test_convert_cli_full_size_model_0(oracle, tmp_path: Path, capsys) -> None:
     assert convert_main([str(src), str(tmp_path / "x.safetensors"), "--model", "fastervit_1"]) == 2
     assert "does not fit fastervit_1" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_select_weights_picks_ema_or_raw_as_asked() -> None:
+    from open_fastervit.convert import select_weights
+
+    raw, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    both = {"state_dict": raw, "state_dict_ema": ema, "epoch": 3}
+    assert select_weights(both, "prefer")[1] == "ema" and select_weights(both, "prefer")[0]["w"] == 1
+    assert select_weights(both, "avoid")[1] == "raw" and select_weights(both, "avoid")[0]["w"] == 0
+    assert select_weights({"model_ema": ema}, "avoid")[1] == "ema"  # nothing else to take
+    state, kind = select_weights({"module.w": torch.ones(1)}, "prefer")  # a bare DDP state dict
+    assert kind == "plain" and list(state) == ["w"]
+    with pytest.raises(CheckpointError, match="no state_dict_ema"):
+        select_weights({"state_dict": raw}, "require")
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        select_weights({"epoch": 3}, "avoid")
+    with pytest.raises(ValueError, match="ema must be"):
+        select_weights(both, "sometimes")
