@@ -492,10 +492,13 @@ def make_train_step(
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW through timm (no weight decay on norms and biases), as in the training recipe."""
+    """AdamW through timm (no weight decay on norms and biases), built as ``fastervit train`` builds it (torch's
+    fused kernel where it exists), the same for every candidate."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
+    from open_fastervit.train import fused_optimizer_kwargs
+
+    return create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, **fused_optimizer_kwargs(model, "adamw"))
 
 
 def make_inputs(group: Group, num_classes: int, device: torch.device, channels_last: bool

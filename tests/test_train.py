@@ -262,3 +262,15 @@ def test_torch_compile_trains(tmp_path):
     result = train(TrainConfig(**{**QUICK, "output": str(tmp_path), "compile": True, "train_images": 16,
                                   "val_images": 8}))
     assert math.isfinite(result["final"]["train_loss"])
+
+
+def test_adam_optimizers_use_torch_fused_kernel():
+    from open_fastervit.train import create_optimizer, fused_optimizer_kwargs
+
+    model = timm.create_model("fastervit_0", **TINY)
+    adamw = create_optimizer(model, TrainConfig(opt="adamw"), 1e-3)
+    assert adamw.defaults.get("fused") is True
+    lamb = create_optimizer(model, TrainConfig(opt="lamb"), 1e-3)
+    assert not lamb.defaults.get("fused")
+    assert fused_optimizer_kwargs(model.to(torch.float64), "adamw") == {"fused": True}
+    assert fused_optimizer_kwargs(torch.nn.Linear(2, 2).to("meta"), "adamw") == {}
