@@ -205,8 +205,7 @@ def cpu_threads(cfg: TrainConfig) -> int:
 
 def fused_optimizer_kwargs(model: nn.Module, opt: str) -> dict[str, Any]:
     """``{"fused": True}`` for torch's Adam/AdamW when every parameter is a float tensor on CPU or CUDA, where torch
-    has a fused kernel (one kernel for all tensors instead of a Python loop; 3.6x faster for FasterViT-0's
-    parameters on the 2-core development CPU); else ``{}``."""
+    has a fused kernel (one kernel for all tensors instead of a loop over them); else ``{}``."""
     if opt.lower() not in ("adam", "adamw"):
         return {}
     params = list(model.parameters())
