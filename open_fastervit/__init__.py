@@ -3,11 +3,14 @@
 Importing the package registers the published models with timm (``timm.create_model('fastervit_0')``).
 """
 
-from .convert import CheckpointError, checkpoint_filter_fn, load_official_checkpoint, official_to_ours
+from . import plugins  # noqa: F401  (registers the hat_swin_* models with timm)
+from .convert import checkpoint_filter_fn, official_to_ours
 from .fused import inference_form
+from .loading import load_model, load_official, load_official_checkpoint
 from .model import MIN_INPUT_SIZE, FasterViT
-from .weights import load_weights, save_weights
-from .zoo import MODEL_NAMES, OFFICIAL_NAMES, PUBLISHED, create_model, list_models, load_official
+from .serialization import CheckpointError, save_weights
+from .weights import load_weights
+from .zoo import MODEL_NAMES, OFFICIAL_NAMES, PUBLISHED, create_model, list_models
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,7 @@ __all__ = [
     "create_model",
     "inference_form",
     "list_models",
+    "load_model",
     "load_official",
     "load_official_checkpoint",
     "load_weights",

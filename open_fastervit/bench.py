@@ -21,7 +21,6 @@ Python API: :class:`BenchConfig`, :func:`run_benchmark` (returns a JSON-ready di
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -49,8 +48,6 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "Stats",
-    "build_parser",
-    "main",
     "measure_interleaved",
     "official_to_ours_name",
     "run_benchmark",
@@ -896,19 +893,8 @@ def _run(config: BenchConfig, device: torch.device, timer: Timer, progress: bool
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line
+# Parsing of option values (the command line itself is open_fastervit.cli.bench)
 # --------------------------------------------------------------------------------------------------
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-
-
-def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def parse_model_kwargs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -939,118 +925,3 @@ def parse_top1(items: Sequence[str]) -> dict[str, float]:
         except ValueError as exc:
             raise BenchError(f"--top1 {item!r}: expected NAME=ACCURACY, e.g. convnext_tiny=82.1") from exc
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Options of ``fastervit bench``."""
-    p = argparse.ArgumentParser(
-        prog="fastervit bench",
-        description="Interleaved throughput/latency/training-step/memory benchmark of FasterViT, its "
-                    "official implementation and timm peers, on CPU or CUDA.",
-        epilog="Example (ours vs official with the same weights, and two peers): fastervit bench "
-               "--import fastervit --models fastervit_0,faster_vit_0_224,swin_tiny_patch4_window7_224,"
-               "convnext_tiny --batch-sizes 1,16 --train-batch 8 --precisions fp32,bf16")
-    p.add_argument("--models", type=_str_list, default=list(DEFAULT_MODELS), metavar="LIST",
-                   help="comma-separated candidates: ours (fastervit_0), timm (convnext_tiny), official "
-                        f"(faster_vit_0_224, needs --import fastervit); default: {','.join(DEFAULT_MODELS)}")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (timm plug-ins registering models); repeatable")
-    p.add_argument("--model-kwargs", action="append", default=[], metavar="JSON",
-                   help="create_model overrides: '{\"dim\": 32}' for all or 'NAME={...}' for one; repeatable")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier width (default: %(default)s)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 16], metavar="LIST",
-                   help="inference batch sizes (default: 1,16; '' for none)")
-    p.add_argument("--img-sizes", "--resolutions", type=_int_list, default=[224], metavar="LIST",
-                   help="input sides in px (default: 224)")
-    p.add_argument("--precisions", type=_str_list, default=["fp32"], metavar="LIST",
-                   help="fp32, bf16, fp16 (autocast; fp16 is meant for CUDA); default: fp32")
-    p.add_argument("--train-batch", type=int, default=8, help="training-step batch (0: skip)")
-    p.add_argument("--scaling-sizes", type=_int_list, default=list(DEFAULT_SCALING_SIZES), metavar="LIST",
-                   help="input sides of the cost-vs-size sweep, first precision only ('' to skip); "
-                        f"default: {','.join(map(str, DEFAULT_SCALING_SIZES))}")
-    p.add_argument("--scaling-batch", type=int, default=1, help="batch of the size sweep")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="models and inputs in channels_last (--quick: on)")
-    p.add_argument("--compile", dest="compile_mode", nargs="?", const="default", default=None,
-                   metavar="MODE", help="torch.compile (MODE: default, reduce-overhead, max-autotune)")
-    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False,
-                   help="inference: each model's inference form, model.fuse() or timm reparameterize_model "
-                        "(--quick: on)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
-    p.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds")
-    p.add_argument("--iters", type=int, default=0, help="calls per timed turn (0: auto, >= --min-block)")
-    p.add_argument("--min-block", dest="min_block_s", type=float, default=0.2,
-                   help="seconds per timed turn when --iters is 0")
-    p.add_argument("--baseline", dest="baselines", action="append", default=[], metavar="NAME[:PRECISION]",
-                   help="throughput ratios against NAME (same precision) or NAME:PRECISION; repeatable; "
-                        "default: the first model")
-    p.add_argument("--top1", action="append", default=[], metavar="NAME=ACC",
-                   help="top-1 for the accuracy-vs-throughput plot; repeatable")
-    p.add_argument("--no-macs", dest="macs", action="store_false", help="skip MAC counting")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
-    p.add_argument("--gemm-size", type=int, default=None,
-                   help="side of the GEMM giving the peak rate (default 2048 on CPU, 8192 on CUDA)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model weights (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"),
-                   help="output folder (default: %(default)s)")
-    p.add_argument("--quick", action="store_true",
-                   help="about a minute on 2 CPU cores: batch 1,8, train batch 4, 1 warm-up, 3 rounds, "
-                        "sizes 224,448, --fuse --channels-last (explicit options still win)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
-
-
-QUICK = {"batch_sizes": [1, 8], "train_batch": 4, "warmup": 1, "rounds": 3, "iters": 1,
-         "scaling_sizes": [224, 448], "fuse": True, "channels_last": True}
-
-
-def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConfig:
-    """A :class:`BenchConfig` from parsed options; ``--quick`` fills the options not given explicitly."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if hasattr(args, f.name)}
-    values["model_kwargs"] = parse_model_kwargs(args.model_kwargs)
-    values["top1"] = parse_top1(args.top1)
-    values["command"] = " ".join(["fastervit", "bench", *argv])
-    if args.quick:
-        given = {a.split("=")[0].replace("--no-", "--") for a in argv if a.startswith("--")}
-        for key, value in QUICK.items():
-            if f"--{key.replace('_', '-')}" not in given:
-                values[key] = value
-    return BenchConfig(**values)
-
-
-def warn_if_busy() -> None:
-    """Tell the user when other processes already keep the CPUs busy (timings will be noisy)."""
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > 0.75 * cores:
-        print(f"fastervit bench: warning: the 1-minute load average is {load:.1f} on {cores} cores; other "
-              "processes compete for the CPU. Interleaving keeps ratios comparable, but absolute numbers "
-              "will be low; with fewer free cores than threads, try --threads 1.", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fastervit bench``: run, write the reports, print the Markdown table."""
-    from open_fastervit.bench_plots import markdown_report, write_reports
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    warn_if_busy()
-    try:
-        result = run_benchmark(config_from_args(args, argv), progress=args.progress)
-    except BenchError as exc:
-        print(f"fastervit bench: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        paths = write_reports(result, args.out)
-    except OSError as exc:
-        print(f"fastervit bench: error: cannot write the reports into {args.out}: {exc}", file=sys.stderr)
-        return 2
-    print(markdown_report(result))
-    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ A training checkpoint (``last.pt``) is a dict of tensors and plain Python values
 and ``load_official_checkpoint`` read its weights and ``torch.load(weights_only=True)`` reads all of it.
 Besides the weights it holds the optimizer, grad scaler and lr scheduler states, the position in the
 epoch and the RNG states of Python, numpy and torch of every rank. Files are written to a temporary
-name and moved into place (``open_fastervit.weights.atomic_write``), so a run killed at any instant
+name and moved into place (``open_fastervit.serialization.atomic_write``), so a run killed at any instant
 leaves the previous or the new file, never a torn one.
 """
 
@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .convert import CheckpointError, load_checkpoint_file
-from .weights import atomic_write
+from .serialization import CheckpointError, atomic_write, load_checkpoint_file
 
 __all__ = ["CHECKPOINT_VERSION", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
 

@@ -3,9 +3,11 @@
 * ``open_dataset`` opens an ImageFolder tree (``ROOT/train/<class>/*.jpg``), an image tar, or any timm
   dataset spec (``hfds/...``, ``wds/...``, ``tfds/...``, ``torch/...``) through timm's ``create_dataset``
   and fails early, with a message, on a missing path, an empty split or a mis-shaped tree.
-* ``SkipUnreadable`` decodes images itself so that a corrupt or truncated file is replaced by the next
-  readable one (batch shapes stay fixed), counted in shared memory (works across loader workers) and
-  reported by name at the end of each epoch.
+* ``read_image`` is the one image decoder of the package (training, validation and ``predict``): any
+  Pillow mode becomes 8-bit RGB, with 16-bit samples scaled by 255/65535 instead of clipped to white.
+* ``SkipUnreadable`` decodes images itself (through ``read_image``) so that a corrupt or truncated file is
+  replaced by the next readable one (batch shapes stay fixed), counted in shared memory (works across loader
+  workers) and reported by name at the end of each epoch.
 * ``ResumableBatchSampler`` gives every epoch one seeded permutation and cuts it into micro-batches so
   that the global data order depends only on (seed, epoch, global batch), not on how the global batch is
   split between ranks and gradient-accumulation steps; it can start mid-epoch for ``--resume``.
@@ -19,6 +21,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 __all__ = [
     "DatasetError",
+    "ImageDecodeError",
     "LoaderOptions",
     "ResumableBatchSampler",
     "ShardSampler",
@@ -39,6 +43,7 @@ __all__ = [
     "describe_data",
     "ensure_randaugment_compat",
     "open_dataset",
+    "read_image",
     "shutdown_workers",
 ]
 
@@ -46,12 +51,109 @@ __all__ = [
 SPEC_PREFIXES = ("hfds/", "hfids/", "wds/", "tfds/", "torch/")
 #: How many consecutive unreadable files ``SkipUnreadable`` tolerates before giving up.
 MAX_CONSECUTIVE_FAILURES = 64
-#: Exceptions PIL raises for files it cannot decode (truncated, corrupt, not an image).
+#: Exceptions for files that cannot be decoded (``read_image`` raises ``ImageDecodeError``, a ValueError).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):
     """The dataset cannot be used for training (missing, empty or mis-shaped)."""
+
+
+class ImageDecodeError(ValueError):
+    """An image file cannot be decoded, or holds samples that cannot be mapped to 8 bits; names the file."""
+
+
+#: Pillow modes of one 16-bit unsigned sample per pixel (16-bit PNG / TIFF / PGM grayscale).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+#: Largest 16-bit sample; 16-bit images are scaled by 255 / SIXTEEN_BIT_MAX to 8 bits.
+SIXTEEN_BIT_MAX = 65535
+
+
+def _source_name(source: str | os.PathLike | IO[bytes]) -> str:
+    """The file name of a path or an open file (for error messages)."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
+
+
+def _scaled_to_8bit(samples: np.ndarray, scale: float) -> Image.Image:
+    """A mode ``L`` image of ``round(samples * scale)`` (samples already checked to land in 0..255)."""
+    return Image.fromarray(np.clip(np.rint(samples.astype(np.float64) * scale), 0, 255).astype(np.uint8), "L")
+
+
+def _to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """Map images with more than 8 bits per sample to an 8-bit mode ``L`` image; others are returned as they are.
+
+    * ``I;16*`` (16-bit unsigned): scaled by 255/65535 and rounded (30000 -> 117).
+    * ``I`` (32-bit signed): Pillow also opens 16-bit files in this mode, so values within 0..65535 are
+      scaled as 16-bit samples; anything outside is refused.
+    * ``F`` (32-bit float): values within 0..1 are scaled by 255; anything else (or NaN) is refused.
+
+    Raises:
+        ImageDecodeError: ``I`` / ``F`` samples outside the ranges above (no safe 8-bit mapping).
+    """
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode.startswith("I;16"):
+        samples = np.asarray(image)
+        if samples.dtype.kind == "i" and samples.size and samples.min() < 0:
+            raise ImageDecodeError(f"{name}: signed 16-bit samples (mode {mode}) below 0 are not supported")
+        return _scaled_to_8bit(samples, 255 / SIXTEEN_BIT_MAX)
+    if mode == "I":
+        samples = np.asarray(image)
+        low, high = (int(samples.min()), int(samples.max())) if samples.size else (0, 0)
+        if low < 0 or high > SIXTEEN_BIT_MAX:
+            raise ImageDecodeError(
+                f"{name}: 32-bit integer samples in {low}..{high}; only 0..{SIXTEEN_BIT_MAX} (16-bit data) can be "
+                "mapped to 8 bits - convert the image to 8 or 16 bits per channel"
+            )
+        return _scaled_to_8bit(samples, 255 / SIXTEEN_BIT_MAX)
+    if mode == "F":
+        samples = np.asarray(image)
+        finite = bool(np.isfinite(samples).all())
+        low, high = (float(samples.min()), float(samples.max())) if samples.size and finite else (0.0, 0.0)
+        if not finite or low < 0 or high > 1:
+            raise ImageDecodeError(
+                f"{name}: 32-bit float samples " + (f"in {low:g}..{high:g}" if finite else "with NaN/inf")
+                + "; only 0..1 can be mapped to 8 bits - convert the image to 8 or 16 bits per channel"
+            )
+        return _scaled_to_8bit(samples, 255)
+    return image
+
+
+def read_image(source: str | os.PathLike | IO[bytes], mode: str = "RGB", *, name: str | None = None) -> Image.Image:
+    """Decode an image file completely into an 8-bit Pillow image of ``mode`` (default RGB).
+
+    Every reader of the package goes through here (training and validation datasets, ``predict``), so all
+    see the same pixels. Conversion rules: 16-bit samples (PNG/TIFF grayscale, Pillow mode ``I;16``) are
+    scaled by 255/65535 and rounded, not clipped (Pillow's own ``convert`` turns them white); 16-bit RGB(A)
+    PNGs are reduced to 8 bits by Pillow itself; 32-bit integer (``I``) and float (``F``) images are scaled
+    when their values fit 0..65535 (integers) or 0..1 (floats) and refused otherwise; 1-bit, grayscale,
+    palette, CMYK and YCbCr images are converted by Pillow, and alpha channels are dropped (as timm does).
+    EXIF orientation is not applied (timm's datasets do not apply it either, so accuracy stays comparable).
+
+    Args:
+        source: a path or a binary file object (not closed here).
+        mode: Pillow mode of the result (``RGB``; ``L`` for one channel).
+        name: file name for error messages (default: the path or the file object's ``name``).
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        ImageDecodeError: the file is not an image, is corrupt or truncated, or its samples cannot be mapped
+            to 8 bits; the message names the file.
+    """
+    name = name or _source_name(source)
+    try:
+        with Image.open(source) as image:
+            image.load()  # decode now: truncated files fail here, not later in a transform
+            return _to_8bit(image, name).convert(mode)
+    except FileNotFoundError:
+        raise
+    except ImageDecodeError:
+        raise
+    except Image.UnidentifiedImageError as err:
+        raise ImageDecodeError(f"{name}: not a readable image (unknown or corrupt format)") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(f"{name}: cannot decode image ({err})") from err
 
 
 def _is_spec(data: str) -> bool:
@@ -100,8 +202,11 @@ class SkipUnreadable(Dataset):
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         source, target = self.reader[index][:2]
-        image = Image.open(source)
-        return image.convert(self.mode), target  # convert() decodes, so truncated files fail here
+        try:
+            return read_image(source, self.mode, name=self.filename(index)), target
+        finally:
+            if hasattr(source, "close"):  # timm readers hand out open files and leave closing to the caller
+                source.close()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(MAX_CONSECUTIVE_FAILURES):

@@ -21,7 +21,7 @@ from timm.data import ImageDataset, ImageNetInfo
 from timm.data.readers.reader import Reader
 from torch.utils.data import Dataset
 
-from open_fastervit.data import class_names, open_dataset
+from open_fastervit.data import SkipUnreadable, class_names, open_dataset
 
 __all__ = [
     "ReaderLabelsCsv",
@@ -132,11 +132,13 @@ class ReaderLabelsCsv(Reader):
 
 def open_eval_dataset(root: str | Path, split: str = "val", label_column: str | None = None) -> Dataset:
     """An evaluation dataset for ``root``: a flat folder with a ``labels.csv`` (read by
-    :class:`ReaderLabelsCsv`), else whatever :func:`open_fastervit.data.open_dataset` accepts (an ImageFolder
-    root with a ``split`` sub-folder, a ``.tar``, a timm spec). Errors name the path and what was expected."""
+    :class:`ReaderLabelsCsv`, images decoded by :func:`open_fastervit.data.read_image`), else whatever
+    :func:`open_fastervit.data.open_dataset` accepts (an ImageFolder root with a ``split`` sub-folder, a
+    ``.tar``, a timm spec). Errors name the path and what was expected."""
     path = Path(root)
     if path.is_dir() and (path / LABELS_CSV).is_file() and not (path / split).exists():
-        return ImageDataset(str(path), reader=ReaderLabelsCsv(path, label_column))
+        # images decoded by data.read_image (16-bit scaled, not clipped), like every other dataset here
+        return SkipUnreadable(ImageDataset(str(path), reader=ReaderLabelsCsv(path, label_column)))
     return open_dataset(str(root), split, is_training=False)
 
 

@@ -7,11 +7,8 @@ model has 1000 outputs, else the class index.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +19,9 @@ from timm.data.readers.img_extensions import get_img_extensions
 
 from open_fastervit.fused import inference_form
 from open_fastervit.labels import IMAGENET_1K, class_names_of, imagenet_class_names, open_eval_dataset
-from open_fastervit.validate import add_model_args, data_config_for, default_device, load_model
+from open_fastervit.validate import data_config_for, default_device, load_model
 
-__all__ = ["Prediction", "load_image", "predict", "resolve_class_names"]
+__all__ = ["Prediction", "format_prediction", "load_image", "predict", "resolve_class_names"]
 
 
 class ImageReadError(ValueError):
@@ -42,17 +39,24 @@ class Prediction:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open ``path`` as an RGB image, decoding it fully so corrupt files fail here, naming the file."""
+    """Open ``path`` as an 8-bit RGB image with :func:`open_fastervit.data.read_image` (the decoder training and
+    validation use: 16-bit images scaled by 255/65535, not clipped to white), decoding it fully.
+
+    Raises:
+        ImageReadError: the file is missing, not an image, corrupt, or has samples that cannot be mapped to
+            8 bits (32-bit integer / float values out of range); the message names the file.
+    """
+    from open_fastervit.data import ImageDecodeError, read_image
+
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return read_image(path)
     except FileNotFoundError as e:
         raise ImageReadError(f"{path}: no such file") from e
-    except UnidentifiedImageError as e:
-        raise ImageReadError(f"{path}: not a readable image (unknown or corrupt format)") from e
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot decode image ({e})") from e
+    except (ImageDecodeError, UnidentifiedImageError) as e:
+        raise ImageReadError(str(e)) from e
+    except OSError as e:  # e.g. a folder or an unreadable file
+        raise ImageReadError(f"{path}: cannot read image ({e})") from e
 
 
 def expand_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -110,14 +114,19 @@ def predict(
     device: str | torch.device | None = None,
     batch_size: int = 16,
     fuse: bool = True,
+    pretrained: bool = True,
 ) -> list[Prediction]:
     """Top-k classes of each image, preprocessed with the model's evaluation transform.
 
     ``model`` is a timm name (None: the checkpoint's architecture) or a module. A model loaded here runs in its
     exact inference form (``fused.inference_form``) unless ``fuse=False``; a module passed in is used as it is.
+    Without ``checkpoint`` a named model gets its published weights (``open_fastervit.load_model``); random
+    weights only with ``pretrained=False``.
 
     Raises:
         ImageReadError: an image is missing or unreadable (all images are opened before any inference).
+        CheckpointError: weights that cannot be had (offline), read or fitted.
+        ValueError: ``topk`` < 1, unknown model, class names that do not match the model.
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
@@ -126,7 +135,7 @@ def predict(
     info: dict = {}
     loaded_here = model is None or isinstance(model, str)
     if loaded_here:
-        model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema)
+        model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema, pretrained=pretrained)
     device = torch.device(device) if device is not None else default_device()
     model = model.eval().to(device)
     if fuse and loaded_here:
@@ -148,32 +157,3 @@ def format_prediction(pred: Prediction) -> str:
     """``image: label (prob%), label (prob%), ...`` on one line."""
     tops = ", ".join(f"{label} ({100 * prob:.1f}%)" for label, prob in zip(pred.labels, pred.probs))
     return f"{pred.image}: {tops}"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastervit predict", description="Classify images and print their top-k labels."
-    )
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
-    add_model_args(parser)
-    parser.add_argument("--topk", "-k", type=int, default=3, help="labels per image (default 3)")
-    parser.add_argument("--classes", default=None,
-                        help="class names: a text file (one per line) or the training dataset folder")
-    parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        preds = predict(
-            args.images, args.model, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs,
-            classes=args.classes, topk=args.topk, use_ema=not args.raw, img_size=args.img_size,
-            device=args.device, fuse=args.fuse,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fastervit predict: error: {e}", file=sys.stderr)
-        return 1
-    for pred in preds:
-        print(json.dumps(asdict(pred)) if args.json else format_prediction(pred))
-    return 0

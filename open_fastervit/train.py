@@ -1,6 +1,6 @@
 """Training and fine-tuning of FasterViT (or any timm model) with the published recipe, on 1..N processes.
 
-``train(TrainConfig(...))`` is the API; ``fastervit train`` / ``python -m open_fastervit.train`` (also under
+``train(TrainConfig(...))`` is the API; ``fastervit train`` / ``python -m open_fastervit.cli train`` (also under
 ``torchrun``) is a thin CLI over it whose options are generated from ``TrainConfig``. What is reused:
 timm for datasets, transforms, Mixup/CutMix, losses, optimizers (AdamW, LAMB, layer-wise lr decay),
 the per-iteration cosine schedule, ``ModelEmaV3`` and BatchNorm averaging; torch for DDP, AMP and
@@ -9,13 +9,19 @@ the per-iteration cosine schedule, ``ModelEmaV3`` and BatchNorm averaging; torch
 
 A run writes into ``output``: ``last.pt`` (resumable state, every epoch and every
 ``checkpoint_steps`` optimizer steps), ``last.safetensors`` / ``last_ema.safetensors`` (weights),
-``best.safetensors`` (best top-1, of the EMA model when EMA is on), ``summary.csv``, ``curves.png``,
-``tb/`` (TensorBoard), ``config.json`` and ``results.json``.
+``best.safetensors`` (the best top-1 over epochs of the raw and the EMA weights, whichever scored higher;
+``results.json`` says which as ``best_weights``), ``summary.csv``, ``curves.png``, ``tb/`` (TensorBoard),
+``config.json`` (the settings used, auto ones resolved) and ``results.json``.
+
+Defaults suit short runs on small data; the paper's ImageNet recipe comes with ``--recipe``. Fields left
+unset (``None``; ``aa="auto"``) are chosen at start from the run's length and data and logged
+(``resolve_auto_settings``): the EMA decay from the number of optimizer steps, the warmup from the number
+of epochs, and the augmentation (RandAugment, mixup, cutmix, random erasing) from the number of training
+images and epochs. A value that is set, even to the old default, is always used as given.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -24,7 +30,6 @@ import os
 import random
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,11 +54,32 @@ from .data import (
 )
 from .distributed import DistInfo, average_bn_stats, cleanup, init_distributed, rank_divergence, reduce_sums
 from .mesa import MesaLoss
-from .recipes import list_recipes, load_recipe
 
-__all__ = ["TrainConfig", "TrainingDiverged", "build_parser", "config_from_args", "main", "train"]
+__all__ = ["TrainConfig", "TrainingDiverged", "train"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The paper's ImageNet augmentation (``--recipe``; the auto choice for large, long runs).
+PAPER_AUGMENTATION: dict[str, Any] = {"aa": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25}
+#: Light augmentation (random resized crop, flip, color jitter, label smoothing): the auto choice otherwise.
+LIGHT_AUGMENTATION: dict[str, Any] = {"aa": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0}
+#: The auto augmentation is the paper's from this many training images ...
+FULL_AUG_MIN_IMAGES = 100_000
+#: ... and this many epochs on; heavy augmentation slows learning down and only pays off on long runs.
+FULL_AUG_MIN_EPOCHS = 100
+#: The auto EMA decay averages over this fraction of the run's optimizer steps (horizon = 1 / (1 - decay)) ...
+EMA_HORIZON_FRACTION = 0.1
+#: ... but over at least this many steps ...
+EMA_MIN_HORIZON = 10
+#: ... and at most the paper's decay (a 5000-step horizon).
+EMA_MAX_DECAY = 0.9998
+#: The auto warmup is epochs / WARMUP_EPOCHS_DIVISOR (the paper: 20 of 300) ...
+WARMUP_EPOCHS_DIVISOR = 15
+#: ... at most this many epochs.
+MAX_AUTO_WARMUP_EPOCHS = 20.0
+#: Fields chosen at start when left unset, and the value that means "unset".
+AUTO_FIELDS: dict[str, Any] = {"ema_decay": None, "warmup_epochs": None, "aa": "auto", "mixup": None,
+                               "cutmix": None, "reprob": None}
 
 
 def _opt(default: Any, help_text: str) -> Any:
@@ -86,7 +112,8 @@ class TrainConfig:
     # schedule
     epochs: int = _opt(300, "cosine schedule length in epochs (warmup included)")
     cooldown_epochs: int = _opt(0, "extra epochs at min_lr after the cosine schedule")
-    warmup_epochs: int = _opt(20, "linear warmup epochs (from warmup_lr)")
+    warmup_epochs: float | None = _opt(None, "linear warmup epochs (from warmup_lr); default: auto, epochs / 15, "
+                                             "at most 20 (the paper: 20 of 300)")
     batch_size: int = _opt(128, "images per process per micro-batch")
     accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step")
     lr: float | None = _opt(None, "absolute learning rate; default: lr_base * global_batch / lr_base_size")
@@ -106,13 +133,18 @@ class TrainConfig:
     layer_decay: float | None = _opt(None, "layer-wise lr decay for fine-tuning, e.g. 0.8")
     # augmentation and regularisation
     smoothing: float = _opt(0.1, "label smoothing")
-    mixup: float = _opt(0.8, "mixup alpha (0: off)")
-    cutmix: float = _opt(1.0, "cutmix alpha (0: off)")
+    mixup: float | None = _opt(None, "mixup alpha (0: off); default: auto, 0.8 for large long runs, else 0 "
+                                     "(see aa)")
+    cutmix: float | None = _opt(None, "cutmix alpha (0: off); default: auto, 1.0 for large long runs, else 0 "
+                                      "(see aa)")
     mixup_prob: float = _opt(1.0, "probability of applying mixup or cutmix to a batch")
     mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup")
     mixup_off_epoch: int = _opt(0, "turn mixup/cutmix off from this epoch (0: never)")
-    aa: str | None = _opt("rand-m9-mstd0.5-inc1", "timm auto-augment spec (RandAugment); None: off")
-    reprob: float = _opt(0.25, "random erasing probability")
+    aa: str | None = _opt("auto", "timm auto-augment spec (RandAugment); None or '': off; default: auto, "
+                                  f"{PAPER_AUGMENTATION['aa']} when the train split has >= {FULL_AUG_MIN_IMAGES} "
+                                  f"images and epochs >= {FULL_AUG_MIN_EPOCHS}, else off")
+    reprob: float | None = _opt(None, "random erasing probability; default: auto, 0.25 for large long runs, "
+                                      "else 0 (see aa)")
     remode: str = _opt("pixel", "random erasing mode")
     recount: int = _opt(1, "random erasing count")
     scale: list = _opt([0.08, 1.0], "RandomResizedCrop scale range")
@@ -122,8 +154,10 @@ class TrainConfig:
     train_interpolation: str = _opt("random", "train resize interpolation ('' : the model's)")
     augment: bool = _opt(True, "training augmentation (off: resize + center crop only, as for evaluation)")
     # EMA and MESA
-    model_ema: bool = _opt(True, "keep an EMA of the weights (model selection by EMA top-1)")
-    ema_decay: float = _opt(0.9998, "EMA decay per optimizer step")
+    model_ema: bool = _opt(True, "keep an EMA of the weights (best.safetensors: the better of raw and EMA)")
+    ema_decay: float | None = _opt(None, "EMA decay per optimizer step; default: auto, an EMA horizon "
+                                         f"1/(1-decay) of {EMA_HORIZON_FRACTION:.0%} of the optimizer steps, "
+                                         f"at most {EMA_MAX_DECAY}")
     ema_warmup: bool = _opt(False, "EMA decay warmup (timm ModelEmaV3)")
     mesa: float = _opt(0.0, "MESA self-distillation coefficient (0: off; needs model_ema)")
     mesa_start: float = _opt(0.25, "fraction of training after which MESA starts")
@@ -160,20 +194,27 @@ class TrainingDiverged(FloatingPointError):
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    """Errors for arguments that cannot work, before anything is built."""
+    """Errors for arguments that cannot work, before anything is built (unset auto fields pass).
+
+    Raises:
+        ValueError: a value out of range or a contradictory combination, named in the message.
+    """
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "accum_steps": cfg.accum_steps,
                 "lr_base_size": cfg.lr_base_size, "log_interval": cfg.log_interval, "eval_every": cfg.eval_every}
     bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
     non_negative = {"workers": cfg.workers, "warmup_epochs": cfg.warmup_epochs, "cooldown_epochs": cfg.cooldown_epochs,
-                    "checkpoint_steps": cfg.checkpoint_steps, "mesa": cfg.mesa, "train_images": cfg.train_images}
-    bad += [f"{k}={v}" for k, v in non_negative.items() if v < 0]
+                    "checkpoint_steps": cfg.checkpoint_steps, "mesa": cfg.mesa, "train_images": cfg.train_images,
+                    "mixup": cfg.mixup, "cutmix": cfg.cutmix, "reprob": cfg.reprob}
+    bad += [f"{k}={v}" for k, v in non_negative.items() if v is not None and v < 0]
+    if cfg.ema_decay is not None and not 0 <= cfg.ema_decay < 1:
+        bad.append(f"ema_decay={cfg.ema_decay}")
     if bad:
         raise ValueError(f"invalid training arguments: {', '.join(bad)}")
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {cfg.amp!r}")
     if cfg.mesa > 0 and not cfg.model_ema:
         raise ValueError("MESA distils from the EMA model: set model_ema=True or mesa=0")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+    if ((cfg.mixup or 0) > 0 or (cfg.cutmix or 0) > 0) and cfg.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
     if cfg.pretrained and cfg.official_checkpoint:
         raise ValueError("give either pretrained (own weights) or official_checkpoint, not both")
@@ -189,6 +230,100 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     if cfg.lr is not None:
         return cfg.lr
     return cfg.lr_base * global_batch(cfg, world_size) / cfg.lr_base_size
+
+
+# ---- settings chosen from the run's length and data ----------------------------------------------------------
+
+
+def auto_ema_decay(total_steps: int) -> float:
+    """EMA decay whose horizon ``1 / (1 - decay)`` is ``EMA_HORIZON_FRACTION`` (10 %) of the run's optimizer steps,
+    at least ``EMA_MIN_HORIZON`` steps and at most ``EMA_MAX_DECAY`` (the paper's 0.9998).
+
+    The EMA's remaining share of the random initial weights after the run is ``decay ** total_steps``, about
+    ``exp(-1 / EMA_HORIZON_FRACTION) = 4.5e-5`` (e.g. 500 steps: decay 0.98, 0.98**500 = 4e-5); the fixed
+    0.9998 kept 90 % of the initial weights after 500 steps.
+    """
+    horizon = max(float(EMA_MIN_HORIZON), EMA_HORIZON_FRACTION * max(total_steps, 0))
+    return min(EMA_MAX_DECAY, 1.0 - 1.0 / horizon)
+
+
+def auto_warmup_epochs(epochs: int) -> float:
+    """Linear-warmup length: ``epochs / 15`` (the paper's 20 of 300), at most 20 epochs, so that a short run
+    reaches its peak learning rate early instead of warming up for its whole length."""
+    return min(MAX_AUTO_WARMUP_EPOCHS, epochs / WARMUP_EPOCHS_DIVISOR)
+
+
+def auto_augmentation(train_images: int | None, epochs: int) -> tuple[dict[str, Any], str]:
+    """The paper's augmentation (``PAPER_AUGMENTATION``: RandAugment, mixup 0.8, cutmix 1.0, random erasing 0.25)
+    for at least ``FULL_AUG_MIN_IMAGES`` training images and ``FULL_AUG_MIN_EPOCHS`` epochs, else light
+    augmentation (``LIGHT_AUGMENTATION``: crop, flip, color jitter). Returns the settings and the reason."""
+    if train_images is not None and train_images >= FULL_AUG_MIN_IMAGES and epochs >= FULL_AUG_MIN_EPOCHS:
+        return dict(PAPER_AUGMENTATION), (f"the paper's ImageNet augmentation ({train_images} training images "
+                                          f">= {FULL_AUG_MIN_IMAGES} and {epochs} epochs >= {FULL_AUG_MIN_EPOCHS})")
+    size = "an unknown number of" if train_images is None else str(train_images)
+    return dict(LIGHT_AUGMENTATION), (
+        f"light augmentation ({size} training images, {epochs} epochs; the paper's RandAugment/mixup/cutmix/"
+        f"erasing is chosen from {FULL_AUG_MIN_IMAGES} images and {FULL_AUG_MIN_EPOCHS} epochs, or with --recipe)"
+    )
+
+
+def _is_unset(cfg: TrainConfig, name: str) -> bool:
+    value = getattr(cfg, name)
+    return value is None if AUTO_FIELDS[name] is None else value == AUTO_FIELDS[name]
+
+
+def resolve_augmentation(cfg: TrainConfig, train_images: int | None) -> tuple[TrainConfig, dict[str, str]]:
+    """``cfg`` with unset ``aa``/``mixup``/``cutmix``/``reprob`` chosen by :func:`auto_augmentation`
+    (light when ``augment`` is off; no mixup/cutmix for an odd batch). Returns it and ``{field: reason}``."""
+    unset = [name for name in ("aa", "mixup", "cutmix", "reprob") if _is_unset(cfg, name)]
+    if not unset:
+        return cfg, {}
+    settings, reason = auto_augmentation(train_images, cfg.epochs)
+    if not cfg.augment:
+        settings, reason = dict(LIGHT_AUGMENTATION), "augment is off"
+    elif cfg.batch_size % 2 and settings["mixup"] + settings["cutmix"] > 0:
+        settings.update(mixup=0.0, cutmix=0.0)
+        reason += f"; no mixup/cutmix with the odd batch size {cfg.batch_size}"
+    changes = {name: settings[name] for name in unset}
+    return dataclasses.replace(cfg, **changes), {name: reason for name in changes}
+
+
+def resolve_schedule_settings(cfg: TrainConfig, steps_per_epoch: int) -> tuple[TrainConfig, dict[str, str]]:
+    """``cfg`` with an unset ``warmup_epochs`` (:func:`auto_warmup_epochs`) and, when ``model_ema`` is on, an unset
+    ``ema_decay`` (:func:`auto_ema_decay` of all optimizer steps, cooldown included) chosen.
+    Returns it and ``{field: reason}``."""
+    changes: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    if _is_unset(cfg, "warmup_epochs"):
+        changes["warmup_epochs"] = auto_warmup_epochs(cfg.epochs)
+        reasons["warmup_epochs"] = f"{cfg.epochs} epochs / {WARMUP_EPOCHS_DIVISOR}, at most {MAX_AUTO_WARMUP_EPOCHS:g}"
+    if _is_unset(cfg, "ema_decay") and cfg.model_ema:
+        total = steps_per_epoch * cfg.total_epochs
+        changes["ema_decay"] = auto_ema_decay(total)
+        horizon = 1 / (1 - changes["ema_decay"])
+        reasons["ema_decay"] = (f"EMA horizon {horizon:.0f} optimizer steps: {EMA_HORIZON_FRACTION:.0%} of {total}, "
+                                f"at least {EMA_MIN_HORIZON}, decay at most {EMA_MAX_DECAY}")
+    return (dataclasses.replace(cfg, **changes) if changes else cfg), reasons
+
+
+def resolve_auto_settings(cfg: TrainConfig, train_images: int | None,
+                          steps_per_epoch: int) -> tuple[TrainConfig, dict[str, str]]:
+    """``cfg`` with every unset auto field (``AUTO_FIELDS``) chosen for a run of ``steps_per_epoch`` optimizer
+    steps per epoch on ``train_images`` images (None: unknown); set fields are kept as given.
+    Returns the resolved config and ``{field: reason}`` for the fields chosen."""
+    cfg, reasons = resolve_augmentation(cfg, train_images)
+    cfg, more = resolve_schedule_settings(cfg, steps_per_epoch)
+    return cfg, {**reasons, **more}
+
+
+def describe_auto_settings(cfg: TrainConfig, reasons: dict[str, str]) -> str:
+    """One log line: the auto-chosen values, grouped by reason."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        value = getattr(cfg, name)
+        groups.setdefault(reason, []).append(f"{name}={value:.6g}" if isinstance(value, float) else f"{name}={value}")
+    return "auto settings (set them to override): " + "; ".join(
+        f"{', '.join(values)} ({reason})" for reason, values in groups.items())
 
 
 def cpu_threads(cfg: TrainConfig) -> int:
@@ -254,43 +389,38 @@ def _log(info: DistInfo, message: str) -> None:
 
 
 def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
-    """The model with its initial weights; returns it and the list of re-initialised classifier keys."""
-    import timm
-
-    from .convert import load_checkpoint_file, load_official_checkpoint, load_official_state_dict, select_weights
+    """The model with its initial weights (``open_fastervit.load_model``: random, our weights or the official ones,
+    a head of another class count re-initialised); returns it and the list of re-initialised classifier keys."""
+    from .loading import load_model
 
     kwargs = dict(cfg.model_kwargs)
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path
-    try:
-        model = timm.create_model(cfg.model, num_classes=num_classes, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(f"unknown model {cfg.model!r}; FasterViT models: `fastervit models`") from None
-        raise
-    except TypeError as err:
-        raise ValueError(f"{cfg.model} does not accept model_kwargs {kwargs}: {err}") from None
-    if cfg.official_checkpoint:  # the official weights (state_dict), converted; a head of another size is reset
-        return model, load_official_checkpoint(model, cfg.official_checkpoint)["reinitialized"]
-    if not cfg.pretrained:
-        return model, []
-    checkpoint = load_checkpoint_file(cfg.pretrained)  # ours: safetensors or a training checkpoint (EMA first)
-    state, _ = select_weights(checkpoint, "prefer")
-    return model, load_official_state_dict(model, state)["reinitialized"]
+    # our weights: the EMA ones first; the official ones: their state_dict, as the authors fine-tune
+    source, use_ema = (cfg.official_checkpoint, False) if cfg.official_checkpoint else (cfg.pretrained, None)
+    if source:
+        model = load_model(source, architecture=cfg.model, num_classes=num_classes, head="resize", use_ema=use_ema,
+                           model_kwargs=kwargs)
+    else:
+        model = load_model(cfg.model, num_classes=num_classes, pretrained=False, model_kwargs=kwargs)
+    return model.train(), list(model.weights_info.get("reinitialized", []))
 
 
 def _transforms(cfg: TrainConfig, model: nn.Module) -> tuple[Any, Any, dict]:
-    """timm train / eval transforms from the model's pretrained cfg (size overridden by img_size)."""
+    """timm train / eval transforms from the model's pretrained cfg (size overridden by img_size).
+
+    Unresolved auto augmentation fields (see ``resolve_augmentation``) count as off here."""
     from timm.data import create_transform, resolve_data_config
 
     ensure_randaugment_compat()
+    aa = cfg.aa if cfg.aa and cfg.aa.lower() not in ("auto", "none") else None
     data_cfg = resolve_data_config({"img_size": cfg.img_size} if cfg.img_size else {}, model=model)
     interpolation = cfg.train_interpolation or data_cfg["interpolation"]
     train_tf = create_transform(
         data_cfg["input_size"], is_training=True, no_aug=not cfg.augment, scale=tuple(cfg.scale),
-        ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None,
+        ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=cfg.color_jitter, auto_augment=aa,
         interpolation=interpolation,
-        mean=data_cfg["mean"], std=data_cfg["std"], re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
+        mean=data_cfg["mean"], std=data_cfg["std"], re_prob=cfg.reprob or 0.0, re_mode=cfg.remode, re_count=cfg.recount,
     )
     eval_tf = create_transform(
         data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
@@ -323,6 +453,14 @@ def _open_data(cfg: TrainConfig) -> tuple[Any, Any]:
                 f"{sorted(set(train_names) ^ set(val_names))[:5]})"
             )
     return train_set, val_set
+
+
+def _train_count(cfg: TrainConfig, train_set: Any) -> int | None:
+    """Training images per epoch (the ``train_images`` subset when smaller), None when the dataset has no length."""
+    size = len(train_set) if hasattr(train_set, "__len__") else None
+    if size is None:
+        return cfg.train_images or None
+    return min(size, cfg.train_images) if cfg.train_images else size
 
 
 def _num_classes(cfg: TrainConfig, train_set: Any) -> int:
@@ -425,8 +563,11 @@ class _Progress:
     epoch: int = 0  # current (0-based) epoch
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
     global_step: int = 0
-    best_top1: float = -math.inf
+    best_top1: float = -math.inf  # the selection score of best.safetensors (top-1 of the better weights)
     best_epoch: int = -1
+    best_weights: str = ""  # "raw" or "ema": which weights best.safetensors holds
+    best_raw_top1: float = math.nan  # raw and EMA top-1 of the best epoch
+    best_ema_top1: float = math.nan
     loss_sum: float = 0.0  # running sums of the current epoch (for the CSV)
     loss_count: int = 0
     history: list = field(default_factory=list)  # one dict per epoch (summary.csv)
@@ -440,6 +581,7 @@ class _Trainer:
         self.cfg, self.info, self.device = cfg, info, info.device
         self.out = Path(cfg.output)
         self.started = time.perf_counter()
+        self.auto_reasons: dict[str, str] = {}  # {field: why} for the settings chosen at start
         self.progress = _Progress()
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=info.device)  # any NaN/inf loss unchecked
         self._setup_determinism()
@@ -450,7 +592,7 @@ class _Trainer:
             self._resume(cfg.resume)
         if info.is_primary:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))  # auto fields resolved
         self.writer = self._tensorboard()
 
     # -- set-up
@@ -473,6 +615,8 @@ class _Trainer:
         cfg, info = self.cfg, self.info
         self.train_set, self.val_set = _open_data(cfg)
         self.num_classes = _num_classes(cfg, self.train_set)
+        cfg, self.auto_reasons = resolve_augmentation(cfg, _train_count(cfg, self.train_set))
+        self.cfg = cfg
         _seed_everything(cfg.seed)  # same initial weights on every rank
         model, self.reinitialised = _create_model(cfg, self.num_classes)
         if self.reinitialised:
@@ -480,6 +624,10 @@ class _Trainer:
         train_tf, eval_tf, self.data_cfg = _transforms(cfg, model)
         _check_sample(self.train_set, train_tf, self.data_cfg["input_size"][0])
         self._build_loaders(train_tf, eval_tf)
+        cfg, reasons = resolve_schedule_settings(cfg, self.steps_per_epoch)
+        self.cfg, self.auto_reasons = cfg, {**self.auto_reasons, **reasons}
+        if self.auto_reasons:
+            _log(info, describe_auto_settings(cfg, self.auto_reasons))
         self.model = self._place_model(model)
         self.ema = None
         if cfg.model_ema:
@@ -614,12 +762,14 @@ class _Trainer:
         if self.info.is_primary:
             save_checkpoint(self.out / "last.pt", {**self._state(), "rng": rng})
 
-    def _save_weights(self, name: str, model: nn.Module) -> str:
+    def _save_weights(self, name: str, model: nn.Module, weights: str | None = None) -> str:
         from .weights import save_weights
 
         path = self.out / name
         if self.info.is_primary:
             meta: dict[str, Any] = {"epoch": str(self.progress.epoch), "architecture": self.cfg.model}
+            if weights:
+                meta["selected_weights"] = weights  # "raw" or "ema"
             if self.cfg.model_kwargs:
                 meta["model_kwargs"] = dict(self.cfg.model_kwargs)
             if self.cfg.img_size:
@@ -786,21 +936,33 @@ class _Trainer:
             if self.ema is not None:
                 row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items() if k != "count"})
         row["skipped_images"] = self._skipped_count()
+        kind, score = self._select(row)
         p.history.append(row)
-        score = row.get("ema_top1" if self.ema is not None else "top1", math.nan)
-        selected = self.ema.module if self.ema is not None else self.model
-        if math.isnan(score) and self.val_loader is None:
-            score = -row["train_loss"]  # no val split: keep the latest weights as "best"
         p.epoch, p.step_in_epoch, p.loss_sum, p.loss_count = epoch + 1, 0, 0.0, 0
         if not math.isnan(score) and score > p.best_top1:
-            p.best_top1, p.best_epoch = score, epoch + 1
-            self._save_weights("best.safetensors", selected)
+            p.best_top1, p.best_epoch, p.best_weights = score, epoch + 1, kind
+            p.best_raw_top1, p.best_ema_top1 = row.get("top1", math.nan), row.get("ema_top1", math.nan)
+            self._save_weights("best.safetensors", self.ema.module if kind == "ema" else self.model,
+                               weights=kind)
         self._save_weights("last.safetensors", self.model)
         if self.ema is not None:
             self._save_weights("last_ema.safetensors", self.ema.module)
         self.save()
         self._report_epoch(row)
         return row
+
+    def _select(self, row: dict[str, Any]) -> tuple[str, float]:
+        """The better of this epoch's raw and EMA weights by val top-1 (EMA on a tie): ``("raw" | "ema", score)``;
+        also written into ``row`` as ``selected_weights`` / ``selected_top1``. Without a val split the latest
+        weights (EMA when on) win with score ``-train_loss``; epochs without evaluation score NaN."""
+        candidates = [(name, row[key]) for name, key in (("ema", "ema_top1"), ("raw", "top1")) if key in row]
+        candidates = [(name, top1) for name, top1 in candidates if not math.isnan(top1)]
+        if candidates:
+            kind, score = max(candidates, key=lambda item: item[1])  # max keeps the first (EMA) on a tie
+            row["selected_weights"], row["selected_top1"] = kind, score
+            return kind, score
+        kind = "ema" if self.ema is not None else "raw"
+        return kind, (-row["train_loss"] if self.val_loader is None else math.nan)
 
     def _skipped_count(self) -> int:
         local = float(self.train_set.bad.sum()) if isinstance(self.train_set, SkipUnreadable) else 0.0
@@ -814,6 +976,8 @@ class _Trainer:
             parts.append(f"top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}")
         if "ema_top1" in row:
             parts.append(f"EMA top-1 {row['ema_top1']:.2f}")
+        if "selected_weights" in row and self.ema is not None:
+            parts.append(f"better: {row['selected_weights']}")
         parts.append(f"{row['images_per_s']:.0f} img/s")
         _log(self.info, ", ".join(parts))
         if row["skipped_images"]:
@@ -852,7 +1016,11 @@ class _Trainer:
         result = {
             "best_top1": p.best_top1 if math.isfinite(p.best_top1) else math.nan,
             "best_epoch": p.best_epoch,
-            "final_top1": final.get("ema_top1" if self.ema is not None else "top1", math.nan),
+            "best_weights": p.best_weights or None,  # "raw" or "ema": the weights in best.safetensors
+            "best_raw_top1": p.best_raw_top1,  # raw and EMA top-1 of the best epoch
+            "best_ema_top1": p.best_ema_top1,
+            "final_top1": final.get("selected_top1", math.nan),  # the better of raw and EMA in the last epoch
+            "final_weights": final.get("selected_weights"),
             "final": final,
             "best_checkpoint": str(self.out / "best.safetensors"),
             "last_checkpoint": str(self.out / "last.safetensors"),
@@ -871,6 +1039,8 @@ class _Trainer:
             "skipped_images": self._skipped_count(),
             "head_reinitialised": self.reinitialised,
             "resumed_from": self.resumed_from,
+            "auto_settings": {name: {"value": getattr(self.cfg, name), "reason": reason}
+                              for name, reason in self.auto_reasons.items()},
         }
         if self.info.is_primary:
             (self.out / "results.json").write_text(json.dumps(result, indent=2))
@@ -897,77 +1067,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
         cleanup(info, barrier=ok)
-
-
-# ---- command line ---------------------------------------------------------------------------------------------
-
-
-def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse ``type`` and extra kwargs for a TrainConfig annotation."""
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
-    if base is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    if base is dict:
-        return json.loads, {"metavar": "JSON"}
-    if base is list:
-        return float, {"nargs": "+"}
-    if optional:
-        return (lambda text: None if text.lower() == "none" else base(text)), {"metavar": base.__name__.upper()}
-    return base, {}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``fastervit train`` parser: one option per ``TrainConfig`` field, plus ``--recipe``."""
-    parser = argparse.ArgumentParser(
-        prog="fastervit train",
-        description="Train or fine-tune FasterViT with the published recipe (DDP under torchrun). "
-        "Options override the recipe, which overrides the defaults. Example: fastervit train --recipe "
-        "fastervit_0_in1k --data /data/imagenet --batch-size 128; fine-tune: fastervit train --data PATH "
-        "--official-checkpoint fastervit_0_224_1k.pth.tar --lr 1e-4 --layer-decay 0.8 --epochs 30.",
-    )
-    parser.add_argument("--recipe", default=None,
-                        help=f"recipe name or YAML file; shipped: {', '.join(list_recipes())}")
-    hints = typing.get_type_hints(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
-        kind, extra = _arg_type(hints[item.name])
-        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        options = {"type": kind} if kind is not None else {}
-        text = item.metadata.get("help", "")
-        text = text if "default" in text else f"{text} (default: {default})"
-        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS,
-                            help=text, **options, **extra)
-    return parser
-
-
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from defaults < recipe < command-line options."""
-    args = vars(build_parser().parse_args(argv))
-    recipe = args.pop("recipe", None)
-    settings = load_recipe(recipe) if recipe else {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"recipe {recipe!r} has unknown keys {unknown}")
-    return TrainConfig(**{**settings, **args})
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fastervit train``: returns 0 on success, 1 with a one-line message on a data/argument/NaN error."""
-    from .convert import CheckpointError
-
-    try:
-        cfg = config_from_args(argv)
-        result = train(cfg)
-    except (DatasetError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as err:
-        print(f"fastervit train: error: {err}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "final"}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

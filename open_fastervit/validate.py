@@ -8,34 +8,26 @@ the model's pretrained cfg, opens the dataset and calls ``evaluate``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import create_loader, resolve_data_config
 from timm.utils import AverageMeter, accuracy
 
-from open_fastervit.convert import (
-    CheckpointError,
-    check_fit,
-    is_official_state_dict,
-    load_checkpoint_file,
-    official_to_ours,
-    select_weights,
-)
+from open_fastervit import loading
 from open_fastervit.fused import inference_form
 from open_fastervit.labels import load_label_map, open_eval_dataset
+from open_fastervit.serialization import ema_mode, read_weights
 
-__all__ = ["add_model_args", "evaluate", "load_model", "read_checkpoint", "validate"]
+__all__ = ["AMP_DTYPES", "evaluate", "load_model", "read_checkpoint", "validate"]
+
+#: The one precision vocabulary of every command (``--amp``): autocast dtype by name.
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 LabelMap = Mapping[int, int] | Sequence[int]
 
@@ -131,74 +123,17 @@ def evaluate(
 # checkpoints and models
 # --------------------------------------------------------------------------------------------------
 
-#: Keys of a checkpoint dict (or safetensors metadata, JSON-encoded) that carry metadata we use.
-META_KEYS = ("class_names", "data_config", "model_kwargs", "img_size", "architecture")
-
-
-def _safetensors_meta(path: Path) -> dict:
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (safetensors.SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    meta = {}
-    for key in META_KEYS:
-        if key in raw:
-            try:
-                meta[key] = json.loads(raw[key])
-            except json.JSONDecodeError:
-                meta[key] = raw[key]
-    return meta
+DEFAULT_MODEL = loading.DEFAULT_MODEL
 
 
 def read_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and metadata from a ``.safetensors`` file or a ``.pt``/``.pth``/``.pth.tar`` checkpoint.
+    """Weights and metadata of a ``.safetensors`` file or a ``.pt``/``.pth``/``.pth.tar`` checkpoint
+    (``open_fastervit.serialization.read_weights``; EMA weights preferred when ``use_ema``, else the raw ones).
 
-    Files are opened by ``open_fastervit.convert.load_checkpoint_file`` (``weights_only`` loading). A
-    training checkpoint holding both raw and EMA weights gives the EMA ones when ``use_ema`` (the default;
-    the official recipe selects models by EMA accuracy), else the raw ones.
-
-    Returns:
-        ``(state_dict, info)``; ``info["weights"]`` is ``"ema"``, ``"raw"`` or ``"plain"`` (a plain state
-        dict), plus any of :data:`META_KEYS` stored in the file.
+    Raises:
+        CheckpointError: missing, corrupt or unsafe file (the message names it).
     """
-    path = Path(path)
-    obj = load_checkpoint_file(path)
-    try:
-        state, kind = select_weights(obj, "prefer" if use_ema else "avoid")
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    if path.suffix == ".safetensors":
-        info = _safetensors_meta(path)
-    else:
-        info = {k: obj[k] for k in META_KEYS if k in obj and not isinstance(obj[k], torch.Tensor)}
-    return state, {"weights": kind, **info}
-
-
-def _classes_in(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> int | None:
-    """Number of classes of the checkpoint's classifier, found under the model's classifier name."""
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
-    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
-
-
-def _tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON lists -> tuples (architecture kwargs such as ``depths`` are per-stage tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
-def _create(name: str, kwargs: Mapping[str, Any]) -> torch.nn.Module:
-    import open_fastervit  # noqa: F401  (registers the fastervit_* architectures with timm)
-
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}; FasterViT models: {timm.list_models('fastervit*')}")
-    try:
-        return timm.create_model(name, **_tuples(kwargs))
-    except TypeError as e:
-        raise ValueError(f"bad architecture arguments for {name}: {e}") from e
-
-
-DEFAULT_MODEL = "fastervit_0"
+    return read_weights(path, ema_mode(None if use_ema else False))
 
 
 def load_model(
@@ -207,35 +142,22 @@ def load_model(
     *,
     model_kwargs: Mapping[str, Any] | None = None,
     use_ema: bool = True,
+    pretrained: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
-    """Build timm model ``name`` (with architecture overrides) and load ``checkpoint`` into it.
+    """``open_fastervit.load_model`` as ``(model, info)``: ``checkpoint`` (architecture ``name``, else the file's),
+    else model ``name`` (default :data:`DEFAULT_MODEL`) with its published weights, or random ones when
+    ``pretrained=False``. ``use_ema`` prefers a training checkpoint's EMA weights.
 
-    ``name`` None takes the ``architecture`` stored in the checkpoint, else :data:`DEFAULT_MODEL`.
-    Official checkpoints are converted (``open_fastervit.convert.official_to_ours``); the classifier is
-    resized to the checkpoint's class count; every other missing, unexpected or mis-shaped key is an error
-    (``convert.check_fit``). Architecture kwargs stored in the checkpoint apply unless overridden.
-
-    Returns:
-        ``(model in eval mode, info)``; ``info`` as :func:`read_checkpoint` (``{'weights': 'random'}`` when
-        no checkpoint is given) plus ``'num_classes'``.
+    Raises:
+        CheckpointError: see ``open_fastervit.load_model`` (offline without weights, bad file, misfit).
+        ValueError: unknown model name or bad architecture arguments.
     """
-    kwargs = dict(model_kwargs or {})
-    if checkpoint is None:
-        model = _create(name or DEFAULT_MODEL, kwargs)
-        return model.eval(), {"weights": "random", "num_classes": model.num_classes}
-    state, info = read_checkpoint(checkpoint, use_ema=use_ema)
-    if is_official_state_dict(state):
-        state = official_to_ours(state)
-        info["weights"] = f"official {info['weights']}"
-    kwargs = {**(info.get("model_kwargs") or {}), **kwargs}
-    name = name or info.get("architecture") or DEFAULT_MODEL
-    model = _create(name, kwargs)
-    num_classes = _classes_in(state, model)
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
-    check_fit(model, state, what=f"checkpoint {checkpoint}")
-    model.load_state_dict(state)
-    return model.eval(), {**info, "num_classes": model.num_classes}
+    if checkpoint is not None:
+        model = loading.load_model(checkpoint, architecture=name, model_kwargs=model_kwargs,
+                                   use_ema=None if use_ema else False)
+    else:
+        model = loading.load_model(name or DEFAULT_MODEL, model_kwargs=model_kwargs, pretrained=pretrained)
+    return model, dict(model.weights_info)
 
 
 def data_config_for(model: torch.nn.Module, info: Mapping | None = None, **overrides: Any) -> dict:
@@ -294,6 +216,7 @@ def validate(
     device: str | torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
     fuse: bool = True,
+    pretrained: bool = True,
 ) -> dict:
     """Top-1/top-5 and loss of a model (timm name and/or checkpoint, or a module) on a dataset folder.
 
@@ -302,19 +225,25 @@ def validate(
     ``data`` is an ImageFolder (``split`` sub-folder used when present) or a flat folder with a
     ``labels.csv``; ``label_map`` (``'in1k'``, a CSV path or a dict) maps its targets to model outputs.
     A model loaded here runs in its exact inference form (``fused.inference_form``) unless ``fuse=False``;
-    a module passed in is used as it is.
+    a module passed in is used as it is. Without ``checkpoint`` a named model gets its published weights
+    (``open_fastervit.load_model``), random ones only with ``pretrained=False``.
+
+    Raises:
+        FileNotFoundError: the dataset folder does not exist.
+        CheckpointError: weights that cannot be had, read or fitted.
+        ValueError: bad model name, arguments or label map.
 
     Returns:
         :func:`evaluate`'s metrics plus the model, weights, data and preprocessing used and the time taken.
     """
     info: dict = {"weights": "module"}
     device = torch.device(device) if device is not None else default_device()
+    dataset = open_eval_dataset(data, split=split, label_column=label_column)
     if model is None or isinstance(model, str):
-        model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema)
+        model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema, pretrained=pretrained)
         if fuse:
             model = inference_form(model.to(device))
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    dataset = open_eval_dataset(data, split=split, label_column=label_column)
     config = data_config_for(model, info, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
                              interpolation=interpolation)
     batch_size = batch_size or _default_batch_size(device)
@@ -341,83 +270,3 @@ def validate(
         "interpolation": config["interpolation"],
         "seconds": seconds,
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------
-
-AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"dim\": 32}}', got {text!r}")
-    return value
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Options naming a model: timm name, checkpoint, architecture overrides, EMA/raw, input size, device."""
-    parser.add_argument("--model", "-m", default=None,
-                        help=f"timm model name (default: the checkpoint's architecture, else {DEFAULT_MODEL})")
-    parser.add_argument("--checkpoint", "-c", default=None,
-                        help="weights: our .safetensors, a training checkpoint or an official .pth.tar")
-    parser.add_argument("--model-kwargs", type=_json_dict, default={},
-                        help='architecture overrides as JSON, e.g. \'{"dim": 32, "depths": [1, 1, 2, 1]}\'')
-    parser.add_argument("--raw", action="store_true",
-                        help="use the raw weights of a training checkpoint instead of its EMA weights")
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: from the model cfg)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--no-fuse", dest="fuse", action="store_false",
-                        help="run the model as built instead of its fused inference form (same outputs, slower)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastervit validate",
-        description="Top-1/top-5 accuracy and loss of a model or checkpoint on an image dataset.",
-    )
-    parser.add_argument("data", help="ImageFolder root (with a SPLIT sub-folder) or a folder with labels.csv")
-    add_model_args(parser)
-    parser.add_argument("--split", default="val", help="sub-folder of an ImageFolder root (default val)")
-    parser.add_argument("--label-map", default=None,
-                        help="'in1k' (wnid class folders -> ImageNet-1K indices) or a CSV with columns "
-                        "folder_index,in1k_index")
-    parser.add_argument("--label-column", default=None, help="target column of labels.csv (default: auto)")
-    parser.add_argument("--crop-pct", type=float, default=None, help="override the cfg's crop_pct")
-    parser.add_argument("--crop-mode", choices=("center", "squash", "border"), default=None)
-    parser.add_argument("--interpolation", default=None, help="override the cfg's interpolation")
-    parser.add_argument("--batch-size", "-b", type=int, default=None, help="default 32 on CPU, 128 on GPU")
-    parser.add_argument("--workers", "-j", type=int, default=None,
-                        help="loader workers (default: half the CPU cores up to 4; on GPU up to 8)")
-    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = validate(
-            args.model, args.data, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs,
-            split=args.split, label_map=args.label_map, label_column=args.label_column, use_ema=not args.raw,
-            img_size=args.img_size, crop_pct=args.crop_pct, crop_mode=args.crop_mode,
-            interpolation=args.interpolation, batch_size=args.batch_size, workers=args.workers,
-            device=args.device, amp_dtype=AMP_DTYPES[args.amp], fuse=args.fuse,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fastervit validate: error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"{result['model']} ({result['weights']} weights) on {result['data']}: "
-        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-        f"({result['count']} images, input {tuple(result['input_size'])}, crop_pct {result['crop_pct']}, "
-        f"{result['crop_mode']}, {result['interpolation']}; {result['seconds']:.1f} s)"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0

@@ -6,19 +6,30 @@ with timm, so ``timm.create_model('fastervit_0')`` works once ``open_fastervit``
 
 from __future__ import annotations
 
-import argparse
 import difflib
-from pathlib import Path
+import logging
+from typing import Any
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from torch import Tensor, nn
 
-from .convert import checkpoint_filter_fn, load_official_checkpoint
+from .convert import checkpoint_filter_fn
 from .model import MIN_INPUT_SIZE, FasterViT
+from .serialization import (
+    CheckpointError,
+    checkpoint_classes,
+    checkpoint_in_chans,
+    fit_state,
+    locate_weights,
+    read_weights,
+)
 
-__all__ = ["MODEL_NAMES", "OFFICIAL_NAMES", "PUBLISHED", "create_model", "load_official", "list_models"]
+__all__ = ["MODEL_NAMES", "OFFICIAL_NAMES", "PUBLISHED", "create_model", "list_models", "resolve_name"]
+
+_logger = logging.getLogger(__name__)
 
 _BASE = dict(ct_size=2, mlp_ratio=4.0, hat=(False, False, True, False))
 _HEADS_S = (2, 4, 8, 16)
@@ -66,7 +77,6 @@ def _cfg(file: str, size: int = 224, **kwargs) -> dict:
         "hf_hub_id": "nvidia/FasterViT",
         "hf_hub_filename": file,
         "url": f"https://huggingface.co/nvidia/FasterViT/resolve/main/{file}",
-        "custom_load": True,  # local files and URLs go through our safe loader (FasterViT.load_pretrained)
         "num_classes": 1000,
         "input_size": (3, size, size),
         "min_input_size": (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
@@ -107,16 +117,63 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> FasterViT:
+def _pretrained_filter(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """timm ``pretrained_filter_fn``: official keys converted, stem adapted, head fitted, every key checked."""
+    state, report = fit_state(model, checkpoint_filter_fn(state_dict, model), head="resize")
+    model.weights_info = report  # read back by open_fastervit.load_model
+    return state
+
+
+def _weights_overlay(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``pretrained_cfg_overlay`` that makes timm load the weights we read: the source the cfg names (a file,
+    a local model folder, the Hugging Face hub, a URL) is read by our safe reader and handed to timm as
+    ``state_dict``, with ``num_classes`` / ``input_size`` stating what the weights hold (timm then keeps or drops
+    the head and adapts the stem exactly as for its own models)."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+    state = cfg.get("state_dict")
+    if state is None:
+        path = locate_weights(cfg, cache_dir=kwargs.get("cache_dir"))
+        # timm's convention prefers the EMA weights of a checkpoint file; custom_load=True reads it as the
+        # authors' loader does (their state_dict)
+        state, info = read_weights(path, "avoid" if cfg.get("custom_load") else "prefer")
+        overlay["file"] = info["file"]
+    try:
+        state = checkpoint_filter_fn(state, None)
+    except CheckpointError as e:
+        raise CheckpointError(f"{overlay.get('file', 'state_dict')}: {e}") from None
+    classes, in_chans = checkpoint_classes(state), checkpoint_in_chans(state)
+    if classes is not None:  # timm keeps the head when num_classes agrees with these, else a fresh head
+        overlay["num_classes"] = kwargs.get("num_classes", classes)
+    if in_chans is not None:
+        overlay["input_size"] = (kwargs.get("in_chans", in_chans), *cfg["input_size"][1:])
+    overlay.update(state_dict=state, source="", custom_load=False)
+    return overlay
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """Build ``variant``; with ``pretrained``, load the weights its (overlaid) pretrained cfg names.
+
+    Raises:
+        CheckpointError: the weights cannot be had, read safely, or do not fit (message names file and keys).
+    """
+    if pretrained:
+        kwargs["pretrained_cfg_overlay"] = _weights_overlay(variant, kwargs)
     args = {**_BASE, **MODEL_ARGS[variant], **kwargs}
-    return build_model_with_cfg(
-        FasterViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **args,
-    )
+    try:
+        model = build_model_with_cfg(
+            FasterViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=_pretrained_filter,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+            **args,
+        )
+    except CheckpointError as e:
+        where = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        raise CheckpointError(f"{where}: {e}" if where and where not in str(e) else str(e)) from None
+    model.pretrained_cfg.pop("state_dict", None)  # the weights are in the model; the cfg keeps where they came from
+    return model
 
 
 def _register(name: str) -> None:
@@ -134,7 +191,12 @@ for _name in MODEL_NAMES:
     _register(_name)
 
 
-def _resolve_name(name: str) -> str:
+def resolve_name(name: str) -> str:
+    """Our timm name for ``name`` (ours, with or without a pretrained tag, or an official ``faster_vit_*`` alias).
+
+    Raises:
+        ValueError: not a FasterViT name; the message suggests close names.
+    """
     base = name.split(".", 1)[0]
     if base in MODEL_ARGS:
         return name
@@ -145,19 +207,9 @@ def _resolve_name(name: str) -> str:
     raise ValueError(f"unknown FasterViT model {name!r}{hint} (known: {', '.join(MODEL_NAMES)})")
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> FasterViT:
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
     """``timm.create_model`` for FasterViT names (official ``faster_vit_*`` names accepted), clear errors."""
-    return timm.create_model(_resolve_name(name), pretrained=pretrained, **kwargs)
-
-
-def load_official(name: str, path: str | Path, *, use_ema: bool = False, **kwargs) -> FasterViT:
-    """Build ``name`` and load an official ``.pth.tar`` checkpoint into it (safe load, converted keys).
-
-    ``num_classes`` different from 1000 keeps a freshly initialised head (reported in the log).
-    """
-    model = create_model(name, **kwargs)
-    load_official_checkpoint(model, path, use_ema=use_ema)
-    return model
+    return timm.create_model(resolve_name(name), pretrained=pretrained, **kwargs)
 
 
 def list_models() -> list[dict]:
@@ -175,15 +227,3 @@ def list_models() -> list[dict]:
             )
         )
     return rows
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog="fastervit models", description="List the published FasterViT models.")
-
-
-def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print(f"{'model':<22}{'params':>15}{'res':>6}{'top-1':>7}{'top-5':>7}")
-    for row in list_models():
-        print(f"{row['name']:<22}{row['params']:>15,}{row['input_size']:>6}{row['top1']:>7}{row['top5']:>7}")
-    return 0

@@ -15,6 +15,7 @@ from torch import nn
 from open_fastervit import bench
 from open_fastervit.bench import BenchConfig, BenchError, measure_interleaved, summarize
 from open_fastervit.bench_plots import CSV_COLUMNS
+from open_fastervit.cli import bench as bench_cli
 from open_fastervit.convert import official_to_ours
 
 # ~0.3M-parameter FasterViT: HAT active in stage 2 at 64 px (4x4 map, 2x2 windows).
@@ -140,9 +141,9 @@ def test_unknown_model_names(capsys):
         bench.run_benchmark(BenchConfig(models=["convnext_tinyy"]), progress=False)
     with pytest.raises(BenchError, match="--import fastervit"):
         bench.check_model_names(["faster_vit_9_224"])
-    assert bench.main(["--models", "no_such_model", "--no-progress"]) == 2
+    assert bench_cli.main(["--models", "no_such_model", "--no-progress"]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
-    assert bench.main(["--models", "resnet18", "--import", "no_such_module_xyz"]) == 2
+    assert bench_cli.main(["--models", "resnet18", "--import", "no_such_module_xyz"]) == 2
     assert "cannot import" in capsys.readouterr().err
 
 
@@ -159,7 +160,7 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path, capsys):
     argv = ["--models", "test_convnext", "--num-classes", "10", "--img-sizes", "32", "--batch-sizes", "1",
             "--train-batch", "0", "--scaling-sizes", "", "--warmup", "0", "--rounds", "1", "--iters", "1",
             "--threads", "1", "--gemm-size", "64", "--no-memory", "--out", str(blocker / "bench"), "--no-progress"]
-    assert bench.main(argv) == 2
+    assert bench_cli.main(argv) == 2
     assert "cannot write the reports" in capsys.readouterr().err
 
 
@@ -174,12 +175,12 @@ def test_parse_model_kwargs_all_and_per_model():
 
 def test_quick_fills_only_options_not_given():
     argv = ["--quick", "--rounds", "5", "--models", "resnet18"]
-    cfg = bench.config_from_args(bench.build_parser().parse_args(argv), argv)
+    cfg = bench_cli.config_from_args(bench_cli.build_parser().parse_args(argv), argv)
     assert (cfg.rounds, cfg.warmup, cfg.batch_sizes, cfg.train_batch) == (5, 1, [1, 8], 4)
     assert cfg.models == ["resnet18"] and cfg.command == "fastervit bench " + " ".join(argv)
     assert cfg.fuse and cfg.channels_last  # each model in its inference form
     argv = ["--quick", "--no-fuse"]
-    cfg = bench.config_from_args(bench.build_parser().parse_args(argv), argv)
+    cfg = bench_cli.config_from_args(bench_cli.build_parser().parse_args(argv), argv)
     assert not cfg.fuse and cfg.channels_last
 
 
@@ -221,11 +222,11 @@ def test_cli_end_to_end_writes_reports(tmp_path: Path, capsys):
     threads_before = torch.get_num_threads()
     argv = ["--models", "fastervit_0,test_convnext", "--model-kwargs", f"fastervit_0={json.dumps(TINY)}",
             "--num-classes", "10", "--batch-sizes", "2", "--img-sizes", "64", "--train-batch", "2",
-            "--precisions", "fp32,bf16", "--scaling-sizes", "64,96", "--warmup", "1", "--rounds", "2",
+            "--amp", "none,bf16", "--scaling-sizes", "64,96", "--warmup", "1", "--rounds", "2",
             "--iters", "1", "--scaling-batch", "2", "--top1", "fastervit_0=80", "--top1", "test_convnext=70",
-            "--baseline", "fastervit_0", "--baseline", "test_convnext:fp32",
+            "--baseline", "fastervit_0", "--baseline", "test_convnext:none",
             "--threads", "1", "--gemm-size", "256", "--out", str(out), "--no-progress"]
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| fastervit_0 | 2 | 64 | bf16 |" in printed and "vs test_convnext:fp32 |" in printed
 

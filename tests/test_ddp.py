@@ -45,7 +45,7 @@ def _torchrun(output: Path, ranks: int) -> dict:
         flag = "--" + key.replace("_", "-")
         argv.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag}={value}")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "-m", "open_fastervit.train", *argv]
+               f"--master_port={_free_port()}", "-m", "open_fastervit.cli", "train", *argv]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,7 +8,8 @@ import re
 import torch
 from PIL import Image
 
-from open_fastervit.demo import DEMO_MODEL_KWARGS, DemoConfig, Plan, budget, main, plan_training, run_demo
+from open_fastervit.cli.demo import main
+from open_fastervit.demo import DEMO_MODEL_KWARGS, DemoConfig, Plan, budget, plan_training, run_demo
 from open_fastervit.validate import load_model
 
 

@@ -15,11 +15,21 @@ import torch
 from conftest import TINY, randomise
 from timm.utils import reparameterize_model
 
-from open_fastervit import fused as fused_mod
-from open_fastervit.fused import FusedConv2d, FusedLinear, FusedMlp, kernel_dtype, onednn_available
-from open_fastervit.model import ConvBlock, HatBlock
+from open_fastervit.layers import ConvBlock, HatBlock
+from open_fastervit.layers import fused as fused_mod
+from open_fastervit.layers.fused import (
+    FusedConv2d,
+    FusedLinear,
+    FusedMlp,
+    kernel_dtype,
+    onednn_available,
+    onednn_bf16,
+)
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN fusion kernels")
+# bf16 packed kernels need AVX-512 BW/VL/DQ or AVX-NE-CONVERT (absent on e.g. AMD Zen 2/3); the plain path is tested
+# on such CPUs by test_bf16_without_packed_kernels_takes_the_plain_path.
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU has no oneDNN bf16 kernels")
 
 
 def tiny(**kwargs) -> torch.nn.Module:
@@ -89,7 +99,7 @@ def test_fuse_rewrites_every_layer_once() -> None:
         torch.testing.assert_close(sd[k], sd_again[k])
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_fused_bf16_autocast_uses_packed_bf16_and_stays_close(kernel_calls) -> None:
     model = tiny()
     fused = copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
@@ -108,7 +118,21 @@ def test_fused_bf16_autocast_uses_packed_bf16_and_stays_close(kernel_calls) -> N
     assert dtypes == {torch.float32, torch.bfloat16}
 
 
-@needs_onednn
+def test_bf16_without_packed_kernels_takes_the_plain_path(monkeypatch, kernel_calls) -> None:
+    """Where oneDNN cannot run bf16 (the probe says so) bf16 calls run plain ops instead of crashing in packing."""
+    monkeypatch.setattr(fused_mod, "onednn_bf16", lambda: False)
+    model = tiny()
+    fused = copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused(x)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 5e-2
+    assert all(torch.bfloat16 not in m._packed for m in fused.modules() if isinstance(m, (FusedLinear, FusedConv2d)))
+
+
+@needs_onednn_bf16
 def test_pure_bf16_model_runs_packed(kernel_calls) -> None:
     model = tiny()
     fused = copy.deepcopy(model).fuse().to(torch.bfloat16, memory_format=torch.channels_last)
@@ -164,7 +188,7 @@ def test_kernel_dtype_rules() -> None:
         assert kernel_dtype(x, w) == (torch.float32 if available else None)
         assert kernel_dtype(x.double(), w) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert kernel_dtype(x, w) == (torch.bfloat16 if available else None)
+            assert kernel_dtype(x, w) == (torch.bfloat16 if onednn_bf16() else None)
         with torch.autocast("cpu", dtype=torch.float16):
             assert kernel_dtype(x, w) is None
     assert kernel_dtype(x, w.requires_grad_()) is None  # autograd recording

@@ -10,15 +10,8 @@ from conftest import TINY
 from timm.optim import param_groups_layer_decay
 
 import open_fastervit
-from open_fastervit.model import (
-    CarrierTokenInit,
-    HatStage,
-    carriers_to_raster,
-    raster_to_carriers,
-    window_key_mask,
-    window_partition,
-    window_reverse,
-)
+from open_fastervit.layers import CarrierTokenInit, WindowGrid
+from open_fastervit.model import HatStage
 
 # SPEC.md section 1, parameter counts with 1000 classes
 PARAMS = {
@@ -89,31 +82,37 @@ def test_any_size_train_and_eval(size: tuple[int, int]) -> None:
 
 def test_window_partition_roundtrip_and_order() -> None:
     x = torch.arange(2 * 3 * 6 * 9, dtype=torch.float32).view(2, 3, 6, 9)
-    z = window_partition(x, 3)  # (2 * 2 * 3, 9, 3)
-    assert z.shape == (12, 9, 3)
+    grid = WindowGrid(6, 9, 3)
+    z = grid.partition(x)  # (2, 2 * 3, 9, 3)
+    assert z.shape == (2, 6, 9, 3)
     # window (row 1, col 2) of image 1, token (row 0, col 1), channel 2
-    assert z[1 * 6 + 1 * 3 + 2, 0 * 3 + 1, 2] == x[1, 2, 3 + 0, 6 + 1]
-    assert torch.equal(window_reverse(z, 3, 6, 9), x)
+    assert z[1, 1 * 3 + 2, 0 * 3 + 1, 2] == x[1, 2, 3 + 0, 6 + 1]
+    assert torch.equal(grid.reverse(z), x)
+    padded = WindowGrid(5, 7, 3)  # 2 x 3 windows of a zero-padded 6 x 9 map, cropped back on reverse
+    zp = padded.partition(x[..., :5, :7])
+    assert zp.shape == (2, 6, 9, 3) and zp[1, 1 * 3 + 2, 2 * 3 + 1, 2] == 0  # padded row 5
+    assert torch.equal(padded.reverse(zp), x[..., :5, :7])
 
 
 def test_carrier_tokens_are_window_major_per_axis_non_square() -> None:
     """Carrier cells of window (r, c) come from that window, for a 2 x 3 window grid (non-square)."""
     ws, ct, nh, nw = 4, 2, 2, 3
-    init = CarrierTokenInit(dim=1, ct_size=ct)
+    init = CarrierTokenInit(dim=1, carrier_size=ct)
+    grid = WindowGrid(nh * ws, nw * ws, ws, ct)
     with torch.no_grad():
         init.pos_conv.weight.zero_()
         init.pos_conv.weight[:, :, 1, 1] = 1.0  # identity position conv
         init.pos_conv.bias.zero_()
     value = torch.tensor([[10.0 * r + c for c in range(nw)] for r in range(nh)])
     x = value.repeat_interleave(ws, 0).repeat_interleave(ws, 1)[None, None]  # (1, 1, 8, 12)
-    t = init(x, nh, nw)
+    t = init(x, grid)
     assert t.shape == (1, nh * nw * ct * ct, 1)
     expected = value.reshape(-1).repeat_interleave(ct * ct)
     assert torch.equal(t[0, :, 0], expected)
-    raster = carriers_to_raster(t, nh, nw, ct)
-    grid = raster[0, :, 0].view(nh * ct, nw * ct)
-    assert torch.equal(grid, value.repeat_interleave(ct, 0).repeat_interleave(ct, 1))
-    assert torch.equal(raster_to_carriers(raster, nh, nw, ct), t)
+    raster = grid.carriers_to_raster(t)
+    cells = raster[0, :, 0].view(nh * ct, nw * ct)
+    assert torch.equal(cells, value.repeat_interleave(ct, 0).repeat_interleave(ct, 1))
+    assert torch.equal(grid.raster_to_carriers(raster), t)
 
 
 def test_padded_positions_take_no_part_in_attention() -> None:
@@ -126,23 +125,25 @@ def test_padded_positions_take_no_part_in_attention() -> None:
     with torch.no_grad():
         ref = stage(x)
         assert ref.shape == x.shape
-        t = stage.carrier_init(x, 2, 2)
+        grid = stage.grid(h, w)
+        t = stage.carrier_init(x, grid)
         for fill in (0.0, 1e3, -7.5):
             xp = F.pad(x, (0, 8 - w, 0, 8 - h), value=fill)
-            z, tt = window_partition(xp, ws), t
+            z, tt = WindowGrid(8, 8, ws, 2).partition(xp), t
             for blk in stage.blocks:
-                z, tt = blk(z, tt, h, w)
-            out = window_reverse(z, ws, 8, 8)[:, :, :h, :w]
+                z, tt = blk(z, tt, grid)
+            out = WindowGrid(8, 8, ws, 2).reverse(z)[:, :, :h, :w]
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_key_mask_hides_only_padding() -> None:
-    mask = window_key_mask(5, 3, 4, 4, torch.device("cpu"), torch.float32)
+    mask = WindowGrid(5, 3, 4).key_mask(4, torch.device("cpu"), torch.float32)
     assert mask.shape == (2, 1, 1, 4 + 16)
     assert (mask[:, 0, 0, :4] == 0).all()  # carriers always visible
     real = mask[0, 0, 0, 4:].view(4, 4) == 0
     assert real[:, :3].all() and not real[:, 3].any()
-    assert window_key_mask(8, 8, 4, 0, torch.device("cpu"), torch.float32) is None
+    assert not WindowGrid(8, 8, 4).needs_padding()
+    assert (WindowGrid(8, 8, 4).key_mask(0, torch.device("cpu"), torch.float32) == 0).all()
 
 
 def test_single_window_stage_runs_plain_attention() -> None:
@@ -248,9 +249,9 @@ def test_drop_path_is_per_image() -> None:
     """In training a dropped window branch is dropped for the whole image, not per window."""
     model = tiny(drop_path_rate=0.5).train()
     blk = model.stages[2].blocks[1]
-    y = torch.ones(2 * 4, 5, 16)  # 2 images x 4 windows
+    y = torch.ones(2, 4, 5, 16)  # window tokens: 2 images x 4 windows
     torch.manual_seed(3)
-    kept = [blk._per_image_drop(y, 4).view(2, 4, -1)[:, :, 0] for _ in range(8)]
+    kept = [blk.drop_path(y)[:, :, 0, 0] for _ in range(8)]
     for k in kept:  # each image: all four windows share the same fate
         assert (k == k[:, :1]).all()
 

@@ -11,8 +11,9 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import open_fastervit
+from open_fastervit.cli.predict import main
 from open_fastervit.paths import data_path
-from open_fastervit.predict import ImageReadError, load_image, main, predict, resolve_class_names
+from open_fastervit.predict import ImageReadError, load_image, predict, resolve_class_names
 
 TINY = dict(dim=32, in_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=(7, 7, 2, 2),
             drop_path_rate=0.0)
@@ -87,13 +88,15 @@ def test_cli(tmp_path, capsys):
     for name in STUBS[:2]:
         shutil.copy(stub(name), folder / name)
     kwargs = json.dumps(TINY)
-    assert main([str(folder), "--model", "fastervit_0", "--model-kwargs", kwargs, "--img-size", "64", "-k", "2"]) == 0
+    assert main([str(folder), "--model", "fastervit_0", "--model-kwargs", kwargs, "--img-size", "64", "-k", "2",
+                 "--random-weights"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(folder / "bagel.jpg") + ": ")
     assert lines[0].count("%)") == 2
-    assert main([str(stub("koala.jpg")), "--model-kwargs", kwargs, "--img-size", "64", "--json"]) == 0
+    assert main([str(stub("koala.jpg")), "--model-kwargs", kwargs, "--img-size", "64", "--json",
+                 "--random-weights"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert len(record["labels"]) == 3 and record["image"].endswith("koala.jpg")
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
-    assert main([str(folder), "--model-kwargs", kwargs]) == 1
+    assert main([str(folder), "--model-kwargs", kwargs, "--random-weights"]) == 1
     assert "broken.png" in capsys.readouterr().err

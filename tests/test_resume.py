@@ -47,7 +47,7 @@ def _argv(settings: dict) -> list[str]:
 def _kill_after_first_checkpoint(output: Path) -> int:
     """Start training in a subprocess, SIGKILL it as soon as last.pt exists; returns the exit code."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "open_fastervit.train", *_argv({**SETTINGS, "output": str(output)})]
+    command = [sys.executable, "-m", "open_fastervit.cli", "train", *_argv({**SETTINGS, "output": str(output)})]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not (output / "last.pt").exists():

@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 import open_fastervit
 from open_fastervit.checkpoint import load_checkpoint
+from open_fastervit.cli.train import config_from_args, main
 from open_fastervit.data import DatasetError
 from open_fastervit.paths import data_path
 from open_fastervit.recipes import list_recipes, load_recipe
-from open_fastervit.train import TrainConfig, TrainingDiverged, config_from_args, effective_lr, main, train
+from open_fastervit.train import TrainConfig, TrainingDiverged, effective_lr, train
 
 DATA = str(data_path("tiny-imagenet-10"))
 ARCH = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate")}
@@ -52,7 +53,11 @@ def test_recipe_run_writes_every_output(recipe_run, capsys):
     rows = open(result["summary_csv"]).read().splitlines()
     assert rows[0].startswith("epoch,train_loss,lr") and "ema_top1" in rows[0] and len(rows) == 3
     assert 0 <= result["final_top1"] <= 100 and math.isfinite(result["final"]["train_loss"])
-    assert result["best_top1"] == max(float(r.split(",")[rows[0].split(",").index("ema_top1")]) for r in rows[1:])
+    columns = rows[0].split(",")
+    top1 = [(float(r.split(",")[columns.index("top1")]), float(r.split(",")[columns.index("ema_top1")]))
+            for r in rows[1:]]
+    assert result["best_top1"] == max(max(pair) for pair in top1)  # the better of raw and EMA (issue 12)
+    assert result["best_weights"] in ("raw", "ema") and "selected_weights" in columns
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

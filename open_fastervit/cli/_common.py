@@ -1,0 +1,80 @@
+"""Options shared by several commands: naming a model and its weights, and the one precision vocabulary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from open_fastervit.loading import DEFAULT_MODEL
+
+#: ``--amp`` words of every command, and the spellings some commands used before (accepted, with a note).
+AMP_CHOICES = ("none", "bf16", "fp16")
+DEPRECATED_AMP = {"bfloat16": "bf16", "float16": "fp16", "fp32": "none", "float32": "none"}
+
+
+def amp_word(text: str, option: str = "--amp") -> str:
+    """``none`` / ``bf16`` / ``fp16``; the old spellings (``bfloat16``, ``float16``, ``fp32``) with a deprecation note.
+
+    Raises:
+        argparse.ArgumentTypeError: any other word.
+    """
+    word = text.strip().lower()
+    if word in AMP_CHOICES:
+        return word
+    if word in DEPRECATED_AMP:
+        new = DEPRECATED_AMP[word]
+        print(f"fastervit: note: {option} {text} is deprecated; use {option} {new}", file=sys.stderr)
+        return new
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(AMP_CHOICES)}, got {text!r}")
+
+
+def json_dict(text: str) -> dict:
+    """A JSON object given on the command line.
+
+    Raises:
+        argparse.ArgumentTypeError: not JSON, or not an object.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"dim\": 32}}', got {text!r}")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options naming a model and its weights: timm name, checkpoint or --random-weights, architecture overrides,
+    EMA/raw, input size, device, fused form."""
+    parser.add_argument("--model", "-m", default=None,
+                        help=f"timm model name (default: the checkpoint's architecture, else {DEFAULT_MODEL})")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", "-c", default=None, metavar="FILE",
+                         help="weights: our .safetensors, a training checkpoint, an official .pth.tar, or a "
+                         "Hugging Face/timm model folder (default: the model's published weights, from the "
+                         "Hugging Face hub or its cache)")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="use random weights (no download; the answers mean nothing, for testing only)")
+    parser.add_argument("--model-kwargs", type=json_dict, default={},
+                        help='architecture overrides as JSON, e.g. \'{"dim": 32, "depths": [1, 1, 2, 1]}\'')
+    parser.add_argument("--raw", action="store_true",
+                        help="use the raw weights of a training checkpoint instead of its EMA weights")
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: from the model cfg)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--no-fuse", dest="fuse", action="store_false",
+                        help="run the model as built instead of its fused inference form (same outputs, slower)")
+
+
+def model_call_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``validate`` / ``predict`` keyword arguments of the options added by :func:`add_model_args`."""
+    return dict(checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, use_ema=not args.raw,
+                img_size=args.img_size, device=args.device, fuse=args.fuse, pretrained=not args.random_weights)
+
+
+def random_weights_note(command: str, args: argparse.Namespace) -> None:
+    """Say on stderr that the answers come from random weights (asked for with --random-weights)."""
+    if args.random_weights:
+        print(f"fastervit {command}: note: {args.model or DEFAULT_MODEL} has random weights (--random-weights); "
+              "its answers mean nothing", file=sys.stderr)

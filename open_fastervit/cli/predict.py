@@ -1,0 +1,38 @@
+"""``fastervit predict``: classify images and print their top-k labels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from open_fastervit.cli._common import add_model_args, model_call_args, random_weights_note
+from open_fastervit.predict import format_prediction, predict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastervit predict", description="Classify images and print their top-k labels."
+    )
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    add_model_args(parser)
+    parser.add_argument("--topk", "-k", type=int, default=3, help="labels per image (default 3)")
+    parser.add_argument("--classes", default=None,
+                        help="class names: a text file (one per line) or the training dataset folder")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fastervit predict``; 0 on success, 1 with a one-line message for bad images, weights or arguments."""
+    args = build_parser().parse_args(argv)
+    random_weights_note("predict", args)
+    try:
+        preds = predict(args.images, args.model, classes=args.classes, topk=args.topk, **model_call_args(args))
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError and ImageReadError are ValueErrors
+        print(f"fastervit predict: error: {e}", file=sys.stderr)
+        return 1
+    for pred in preds:
+        print(json.dumps(asdict(pred)) if args.json else format_prediction(pred))
+    return 0

@@ -1,0 +1,394 @@
+"""Weight files: safe reading, weight selection, fitting a state dict to a model, atomic safetensors writing.
+
+This module knows files and state dicts, not the zoo: it never builds a model (``open_fastervit.loading`` does,
+through timm), so the model, the zoo and the key conversion can all import it without import circles.
+
+- :func:`load_checkpoint_file` reads ``.safetensors`` / ``.pt`` / ``.pth`` / ``.pth.tar`` with
+  ``torch.load(weights_only=True)`` (only ``argparse.Namespace`` allowed besides tensors and plain types).
+- :func:`select_weights` picks the raw or EMA weights of a checkpoint dict.
+- :func:`read_weights` does both and gathers the metadata (architecture, architecture kwargs, class names ...).
+- :func:`locate_weights` turns a timm pretrained cfg (file, local folder, Hugging Face hub, URL) into a local file,
+  with one clear error when the published weights cannot be had.
+- :func:`fit_state` adapts a state dict to a built model: the RGB stem to ``in_chans`` (timm's
+  ``adapt_input_conv``), the classifier by the head policy, then checks every key and shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models import clean_state_dict
+from timm.models._manipulate import adapt_input_conv
+from torch import Tensor, nn
+
+__all__ = [
+    "HEAD_POLICIES",
+    "CheckpointError",
+    "atomic_write",
+    "check_fit",
+    "fit_state",
+    "load_checkpoint_file",
+    "locate_weights",
+    "read_weights",
+    "save_weights",
+    "select_weights",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: keep: the checkpoint's classifier (error if num_classes disagrees); resize: keep it when its class count equals
+#: num_classes, else a fresh head; reinit: always a fresh head of num_classes.
+HEAD_POLICIES = ("keep", "resize", "reinit")
+#: Keys of a checkpoint dict holding weights: timm's CheckpointSaver layout (``state_dict`` / ``state_dict_ema``),
+#: which our trainer's checkpoints and the official files share, and the ``model`` / ``model_ema`` variant.
+EMA_KEYS = ("state_dict_ema", "model_ema")
+RAW_KEYS = ("state_dict", "model")
+#: Metadata keys of a checkpoint dict (or safetensors metadata, JSON-encoded) that loading uses.
+META_KEYS = ("class_names", "data_config", "model_kwargs", "img_size", "architecture")
+#: Weight files looked for in a Hugging Face / timm folder (``config.json`` + weights), in order.
+FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely, cannot be had, or does not fit the model."""
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """Read a ``.pth``/``.pth.tar``/``.pt``/``.safetensors`` file safely and return its top-level dict.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated, not a checkpoint, or carries pickled objects other
+            than tensors, plain types and ``argparse.Namespace``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # zip (torch.save) or legacy pickle
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (no zip or pickle header)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} carries pickled objects other than tensors and argparse.Namespace; refusing to load it "
+            f"(weights_only=True). Detail: {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e or type(e).__name__}"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+    return dict(obj)
+
+
+def select_weights(checkpoint: Mapping, ema: str = "avoid") -> tuple[dict[str, Tensor], str]:
+    """The weights inside a checkpoint dict, and which they are: ``"ema"``, ``"raw"`` or ``"plain"`` (a state dict).
+
+    ``ema``: ``"require"`` the EMA weights, ``"prefer"`` them when present, or ``"avoid"`` them unless the checkpoint
+    holds nothing else. Keys lose DDP / torch.compile prefixes (timm ``clean_state_dict``).
+
+    Raises:
+        ValueError: ``ema`` is not one of the three words.
+        CheckpointError: EMA weights required but absent, or no weights at all.
+    """
+    if ema not in ("require", "prefer", "avoid"):
+        raise ValueError(f"ema must be 'require', 'prefer' or 'avoid', got {ema!r}")
+    ema_key = next((k for k in EMA_KEYS if isinstance(checkpoint.get(k), Mapping) and checkpoint[k]), None)
+    raw_key = next((k for k in RAW_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+    if ema == "require" and ema_key is None:
+        raise CheckpointError("use_ema=True but the checkpoint has no state_dict_ema/model_ema")
+    if ema_key and (ema != "avoid" or raw_key is None):
+        chosen, kind = ema_key, "ema"
+    else:
+        chosen, kind = (raw_key, "raw") if raw_key else (None, "plain")
+    source = checkpoint[chosen] if chosen else checkpoint
+    state = clean_state_dict({k: v for k, v in source.items() if isinstance(v, Tensor)})
+    if not state:
+        raise CheckpointError(f"the checkpoint holds no weights (keys: {sorted(map(str, checkpoint))[:8]})")
+    return state, kind
+
+
+def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, Tensor]:
+    """The weights inside a checkpoint dict: ``state_dict`` (or ``state_dict_ema`` with ``use_ema``), or itself."""
+    return select_weights(checkpoint, "require" if use_ema else "avoid")[0]
+
+
+def ema_mode(use_ema: bool | None) -> str:
+    """``use_ema`` True / False / None -> ``select_weights``'s ``"require"`` / ``"avoid"`` / ``"prefer"``."""
+    return "prefer" if use_ema is None else ("require" if use_ema else "avoid")
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _metadata(path: Path, obj: Mapping) -> dict[str, Any]:
+    """Architecture, architecture kwargs, class names ... stored in a file (safetensors metadata or dict keys)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        return {k: _json_or_text(raw[k]) for k in META_KEYS if k in raw}
+    info = {k: obj[k] for k in META_KEYS if k in obj and not isinstance(obj[k], Tensor)}
+    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}  # our training checkpoints
+    args = obj.get("args")  # the official files: the argparse.Namespace of their training run
+    arch = obj.get("arch") or config.get("model") or getattr(args, "model", None)
+    if arch and "architecture" not in info:
+        info["architecture"] = str(arch)
+    if config.get("model_kwargs") and "model_kwargs" not in info:
+        info["model_kwargs"] = dict(config["model_kwargs"])
+    return info
+
+
+def read_weights(path: str | Path, ema: str = "prefer") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Weights and metadata of a file: our safetensors, a training checkpoint, or an official ``.pth.tar``.
+
+    Returns:
+        ``(state_dict, info)``; ``info["weights"]`` is ``"ema"``, ``"raw"`` or ``"plain"``, ``info["file"]`` the
+        path, plus any of :data:`META_KEYS` found in the file (``architecture`` also from ``arch``/``config``/``args``).
+
+    Raises:
+        CheckpointError: see :func:`load_checkpoint_file` and :func:`select_weights`; the message names the file.
+    """
+    path = Path(path)
+    obj = load_checkpoint_file(path)
+    try:
+        state, kind = select_weights(obj, ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return state, {"weights": kind, "file": str(path), **_metadata(path, obj)}
+
+
+def weights_in_folder(folder: str | Path) -> Path:
+    """The weight file of a Hugging Face / timm model folder (``model.safetensors`` first).
+
+    Raises:
+        CheckpointError: the folder holds none of :data:`FOLDER_FILES`.
+    """
+    folder = Path(folder)
+    for name in FOLDER_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder} holds no weights file (looked for {', '.join(FOLDER_FILES)})")
+
+
+def _hub_help(what: str, repo: str, filename: str, reason: str) -> CheckpointError:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return CheckpointError(
+        f"the published weights of {what} ({repo}/{filename} on the Hugging Face hub) cannot be had: {reason}. "
+        f"Pass a weights file instead (command line: --checkpoint FILE; Python: load_model(FILE)), or put the "
+        f"file in the Hugging Face cache ({HF_HUB_CACHE}, e.g. `huggingface-cli download {repo} {filename}` on a "
+        f"connected machine), or ask for random weights by name (--random-weights; Python: pretrained=False)."
+    )
+
+
+def locate_weights(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) -> Path:
+    """A local file holding the weights a timm pretrained cfg points at: ``file`` (a file, or a model folder with
+    ``source='local-dir'``), else ``hf_hub_id`` + ``hf_hub_filename`` (downloaded or found in the HF cache), else
+    ``url`` (downloaded into torch's hub cache).
+
+    Raises:
+        CheckpointError: nothing to load, or the download fails (offline, no connection, missing file); the message
+            says how to pass a file instead.
+    """
+    what = cfg.get("architecture") or "this model"
+    file = cfg.get("file")
+    if file:
+        path = Path(file)
+        return weights_in_folder(path) if path.is_dir() else path
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+        repo, filename = cfg["hf_hub_id"], cfg.get("hf_hub_filename") or FOLDER_FILES[0]
+        repo, _, revision = repo.partition("@")
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir))
+        except LocalEntryNotFoundError as e:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            reason = "HF_HUB_OFFLINE is set and the file is not in the cache" if offline else (
+                f"no connection to the hub and the file is not in the cache ({str(e).splitlines()[0]})")
+            raise _hub_help(what, repo, filename, reason) from None
+        except (HfHubHTTPError, HFValidationError, OSError) as e:
+            raise _hub_help(what, repo, filename, f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if cfg.get("url"):
+        from timm.models._hub import download_cached_file
+
+        try:
+            return Path(download_cached_file(cfg["url"], cache_dir=cache_dir))
+        except OSError as e:
+            raise CheckpointError(
+                f"the published weights of {what} cannot be downloaded from {cfg['url']} ({e}); pass a weights file "
+                f"instead (--checkpoint FILE), or --random-weights for random ones"
+            ) from None
+    raise CheckpointError(f"no pretrained weights are published for {what}; pass a weights file (--checkpoint FILE)")
+
+
+# ---- fitting a state dict to a model -----------------------------------------------------------------------------
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` naming every missing/unexpected key and shape disagreement."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: {tuple(v.shape)} in {what}, {tuple(expected[k].shape)} in model"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = []
+    if shapes:
+        problems.append(f"shapes disagree: {_listing(shapes, 6)}")
+    if missing:
+        problems.append(f"missing from the {what}: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected in the {what}: {_listing(unexpected)}")
+    if problems:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise CheckpointError(
+            f"the {what} does not fit {name} (is it for another architecture?): " + "; ".join(problems)
+        )
+
+
+def _names(model: nn.Module, key: str, default: str) -> tuple[str, ...]:
+    value = getattr(model, "pretrained_cfg", {}).get(key) or default
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def checkpoint_classes(state: Mapping[str, Tensor], classifier: str = "head.fc") -> int | None:
+    """Class count of a state dict's classifier (``classifier.weight`` rows), None without one."""
+    weight = state.get(f"{classifier}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+
+
+def checkpoint_in_chans(state: Mapping[str, Tensor], first_conv: str = "stem.conv1") -> int | None:
+    """Input channels of a state dict's first convolution, None without one."""
+    weight = state.get(f"{first_conv}.weight")
+    return int(weight.shape[1]) if weight is not None and weight.ndim == 4 else None
+
+
+def fit_state(
+    model: nn.Module, state: Mapping[str, Tensor], head: str = "keep", what: str = "checkpoint"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Adapt ``state`` (our key layout) to ``model`` and check that every key and shape fits.
+
+    - First convolution: a checkpoint with other input channels than the model is adapted with timm's
+      ``adapt_input_conv`` (1 channel: the sum of the RGB kernels; more: the RGB kernels repeated and rescaled),
+      as timm's own pretrained loader does. Reported in the log and in ``report["in_chans"]``.
+    - Classifier, by ``head`` (:data:`HEAD_POLICIES`): ``keep`` loads the checkpoint's head and fails if it has
+      another class count than the model; ``resize`` keeps it when the counts agree, else the model's fresh head;
+      ``reinit`` always the model's fresh head. A fresh head is reported (log, ``report["reinitialized"]``).
+
+    Returns:
+        ``(state dict ready for model.load_state_dict(strict=True), report)``.
+
+    Raises:
+        ValueError: unknown ``head`` policy.
+        CheckpointError: keys or shapes that do not fit (each named), or ``keep`` with another class count.
+    """
+    if head not in HEAD_POLICIES:
+        raise ValueError(f"head must be one of {', '.join(HEAD_POLICIES)}, got {head!r}")
+    state = dict(state)
+    expected = model.state_dict()
+    report: dict[str, Any] = {"reinitialized": [], "in_chans": None}
+    for conv in _names(model, "first_conv", "stem.conv1"):
+        key = f"{conv}.weight"
+        if key in state and key in expected and state[key].ndim == 4 and state[key].shape[1] != expected[key].shape[1]:
+            source, target = state[key].shape[1], expected[key].shape[1]
+            if state[key].shape[0] == expected[key].shape[0] and state[key].shape[2:] == expected[key].shape[2:]:
+                state[key] = adapt_input_conv(target, state[key])
+                report["in_chans"] = f"{source} -> {target}"
+                _logger.warning("%s adapted from %d to %d input channels (timm adapt_input_conv)", key, source, target)
+    for classifier in _names(model, "classifier", "head.fc"):
+        keys = [f"{classifier}.{p}" for p in ("weight", "bias") if f"{classifier}.{p}" in expected]
+        differs = any(k in state and state[k].shape != expected[k].shape for k in keys)
+        if head == "keep" and differs:
+            got = checkpoint_classes(state, classifier)
+            raise CheckpointError(
+                f"the {what} has a {got}-class classifier, the model {getattr(model, 'num_classes', '?')} classes; "
+                "leave num_classes unset to use the checkpoint's, or ask for a fresh head (head='resize'/'reinit')"
+            )
+        if head == "reinit" or (head == "resize" and differs):
+            for k in keys:
+                state[k] = expected[k]
+            report["reinitialized"].extend(keys)
+    check_fit(model, state, what=what)
+    if report["reinitialized"]:
+        _logger.warning(
+            "classifier %s re-initialised (head=%r): a fresh head for num_classes=%s",
+            ", ".join(report["reinitialized"]), head, getattr(model, "num_classes", "?"),
+        )
+    return state, report
+
+
+# ---- writing -----------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` then atomically rename the temp file onto ``path`` (same folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model``'s state dict to ``path`` as safetensors (atomically), with string metadata.
+
+    The architecture name is stored in the metadata when the model carries a timm ``pretrained_cfg``; other values
+    than strings are stored as JSON.
+    """
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", "library": "open_fastervit"}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("architecture"):
+        meta["architecture"] = str(cfg["architecture"])
+    meta["num_classes"] = str(getattr(model, "num_classes", ""))
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
