@@ -20,6 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
 test-full: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 	$(BIN)/python -m pytest -q -m 'full or not full' --durations=15
 
 lint: $(STAMP)

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--images", type=int, default=64, help="distinct images sent (cycling)")
+    parser.add_argument("--threads", type=int, default=1, help="server's torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         expected = predict(images, checkpoint=weights, topk=5, device="cpu")
         for setting, (max_batch, max_wait) in SETTINGS.items():
             options = ("--device", "cpu", "--max-batch", max_batch, "--max-wait-ms", max_wait, "--log-level",
-                       "warning")
+                       "warning", "--threads", str(args.threads))
             with server_process(weights, free_port(), *options, log=out / f"{name}_{setting}.log") as url:
                 report = load_test(url, images, clients=args.clients, seconds=args.seconds, expected=expected)
             print(f"{name:5s} {setting:14s} {report.summary()}", flush=True)
             results.append(dict(model=name, setting=setting, max_batch=int(max_batch), max_wait_ms=float(max_wait),
                                 **report.as_dict()))
     (out / "load.json").write_text(json.dumps(dict(cpu_count=os.cpu_count(), torch=torch.__version__,
-                                                   results=results), indent=2))
+                                                   threads=args.threads, results=results), indent=2))
     lines = ["| model | setting | clients | requests | errors | lost | mismatches | p50 ms | p99 ms | req/s | "
              "mean batch | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     single = {r["model"]: r["throughput"] for r in results if r["setting"] == "one-at-a-time"}

@@ -5,6 +5,8 @@ Importing the package registers the published models with timm (``timm.create_mo
 
 from . import plugins  # noqa: F401  (registers the hat_swin_* models with timm)
 from .convert import checkpoint_filter_fn, official_to_ours
+from .deploy.export import export_model, load_exported
+from .deploy.hub import push_to_hub, save_pretrained
 from .fused import inference_form
 from .loading import load_model, load_official, load_official_checkpoint
 from .model import MIN_INPUT_SIZE, FasterViT
@@ -23,12 +25,16 @@ __all__ = [
     "CheckpointError",
     "checkpoint_filter_fn",
     "create_model",
+    "export_model",
     "inference_form",
     "list_models",
+    "load_exported",
     "load_model",
     "load_official",
     "load_official_checkpoint",
     "load_weights",
     "official_to_ours",
+    "push_to_hub",
+    "save_pretrained",
     "save_weights",
 ]

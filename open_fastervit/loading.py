@@ -9,6 +9,10 @@
 - a file: our ``.safetensors``, a training checkpoint (``.pt``/``.pth``) written by ``fastervit train``, or an
   official ``.pth.tar`` (keys converted). The architecture is taken from ``architecture=``, else the file's
   metadata (``architecture``, ``arch``, the training config or the official ``args``), else ``fastervit_0``.
+  An ``architecture=`` other than the one the file names is an error naming both when the weights do not fit
+  it; when they fit (e.g. the same weights at another input size) it is used with a warning naming both, and
+  ``weights_info["file_architecture"]`` records the file's. Architecture arguments come
+  from ``model_kwargs=``, else the file's ``model_kwargs`` (written by ``save_weights`` and the trainer).
 - a folder in the Hugging Face / timm layout (``config.json`` with ``architecture``, ``num_classes``,
   ``model_args``, ``pretrained_cfg``; ``model.safetensors``), read through timm's ``local-dir:`` source.
 
@@ -40,7 +44,9 @@ from torch import nn
 
 from .convert import is_official_state_dict, official_to_ours
 from .serialization import (
+    ARCH_HINT,
     HEAD_POLICIES,
+    KWARGS_HINT,
     CheckpointError,
     checkpoint_classes,
     ema_mode,
@@ -224,25 +230,48 @@ def _from_file(
             raise CheckpointError(f"{path}: {e}") from None
         info["weights"] = f"official {info['weights']}"
     stored = info.get("architecture")
+    try:
+        stored_arch = _architecture(str(stored)) if stored else None
+    except ValueError:
+        stored_arch = None
     if architecture:
         arch = _architecture(architecture)
     else:
-        try:
-            arch = _architecture(stored) if stored else DEFAULT_MODEL
-        except ValueError:
-            arch = DEFAULT_MODEL
+        arch = stored_arch or DEFAULT_MODEL
     kwargs = {**_tuples(info.get("model_kwargs") or {}), **kwargs}
     _head_classes(head, num_classes, checkpoint_classes(state), str(path))
     overlay = {"state_dict": state, "file": str(path)}
-    if arch.split(".", 1)[0] in MODEL_ARGS:
-        model = _create(arch, {**kwargs, "pretrained": True, "pretrained_cfg_overlay": overlay,
-                               "num_classes": num_classes})
-    else:  # another timm architecture: build it, then fit the weights with the same checks
-        model = _create(arch, {**kwargs, "num_classes": num_classes or checkpoint_classes(state)})
-        state, report = fit_state(model, state, head="resize", what=f"checkpoint {path}")
-        model.load_state_dict(state)
-        model.weights_info = report
+    try:
+        if _base(arch) in MODEL_ARGS:
+            model = _create(arch, {**kwargs, "pretrained": True, "pretrained_cfg_overlay": overlay,
+                                   "num_classes": num_classes})
+        else:  # another timm architecture: build it, then fit the weights with the same checks
+            model = _create(arch, {**kwargs, "num_classes": num_classes or checkpoint_classes(state)})
+            state, report = fit_state(model, state, head="resize", what=f"checkpoint {path}")
+            model.load_state_dict(state)
+            model.weights_info = report
+    except CheckpointError as e:
+        if stored_arch and _base(stored_arch) != _base(arch) and ARCH_HINT in str(e):
+            raise CheckpointError(
+                f"{path} holds a {_base(stored_arch)} (its metadata says so), not a {_base(arch)}: leave the "
+                f"architecture unset (command line: no --model) to use the file's. Detail: {e}"
+            ) from None
+        if stored_arch and _base(stored_arch) == _base(arch) and ARCH_HINT in str(e):
+            raise CheckpointError(str(e).replace(ARCH_HINT, KWARGS_HINT)) from None
+        raise
+    if stored_arch and _base(stored_arch) != _base(arch):
+        _logger.warning(
+            "%s names architecture %s but %s was asked for; its weights fit, so %s is used (with its own "
+            "preprocessing, e.g. crop_pct); leave the architecture unset to use the file's",
+            path, _base(stored_arch), _base(arch), _base(arch),
+        )
+        info["file_architecture"] = stored_arch
     return model, {**info, "source": str(path), **_report(model)}
+
+
+def _base(name: str) -> str:
+    """A timm name without its pretrained tag."""
+    return name.split(".", 1)[0]
 
 
 def load_into(

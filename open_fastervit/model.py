@@ -231,8 +231,9 @@ class FasterViT(nn.Module):
         and, on CPU with oneDNN, weights pre-packed for oneDNN kernels (fp32 and bf16) on first use (``pack=False``:
         no packed copies, which cost one copy of the weights per dtype used).
 
-        The result is a *snapshot* for inference: every parameter becomes a buffer (``parameters()`` is empty, the
-        state-dict keys stay), so optimizer, EMA and averaging updates cannot reach it. To change the weights, change
+        The result is a *snapshot* for inference: every parameter becomes a buffer (``parameters()`` is empty; the
+        state dict has the fused layout: BatchNorms folded away, conv biases added), so optimizer, EMA and averaging
+        updates cannot reach it. To change the weights, change
         a trainable model and fuse a copy of it again. Outputs equal the unfused model's up to fp32 rounding; it runs
         on any device, and under autograd (input gradients), tracing, export or compile it takes plain ops.
         """
@@ -271,7 +272,14 @@ class FasterViT(nn.Module):
         return unused
 
     def check_input(self, x: Tensor) -> None:
-        """Raise a clear error for input the model cannot take (runs on shapes/dtype only)."""
+        """Raise a clear error for input the model cannot take (runs on shapes/dtype only), and under
+        ``torch.jit.trace``, which would fix sizes, dtype and device into the graph."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                "torch.jit.trace is not supported: FasterViT's window geometry depends on the input size, and a trace "
+                "would fix sizes, dtype and device into the graph. Use torch.export.export(model, (x,)) (dynamic "
+                "shapes), ONNX via torch.onnx.export(model, (x,), dynamo=True), or `fastervit export`"
+            )
         if not isinstance(x, Tensor):
             raise TypeError(f"FasterViT expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
@@ -283,6 +291,12 @@ class FasterViT(nn.Module):
             raise TypeError(
                 f"FasterViT expects a floating-point image tensor, got {x.dtype}; "
                 "convert and normalise it first (e.g. x.float() / 255 then mean/std)"
+            )
+        weight = self.stem.conv1.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"the input is {x.dtype} but the model's weights are {weight.dtype}; convert one to the other "
+                f"(x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast"
             )
         if x.shape[1] != self.in_chans and x.shape[-1] == self.in_chans:
             raise ValueError(

@@ -7,7 +7,8 @@ model has 1000 outputs, else the class index.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,12 @@ from open_fastervit.fused import inference_form
 from open_fastervit.labels import IMAGENET_1K, class_names_of, imagenet_class_names, open_eval_dataset
 from open_fastervit.validate import data_config_for, default_device, load_model
 
-__all__ = ["Prediction", "format_prediction", "load_image", "predict", "resolve_class_names"]
+__all__ = ["ImageReadError", "Prediction", "format_prediction", "load_image", "predict", "resolve_class_names"]
+
+_logger = logging.getLogger(__name__)
+
+#: ``on_error`` of :func:`predict`: what an unreadable image does.
+ON_ERROR = ("raise", "skip")
 
 
 class ImageReadError(ValueError):
@@ -115,6 +121,7 @@ def predict(
     batch_size: int = 16,
     fuse: bool = True,
     pretrained: bool = True,
+    on_error: str | Callable[[Path, ImageReadError], Any] = "raise",
 ) -> list[Prediction]:
     """Top-k classes of each image, preprocessed with the model's evaluation transform.
 
@@ -123,15 +130,36 @@ def predict(
     Without ``checkpoint`` a named model gets its published weights (``open_fastervit.load_model``); random
     weights only with ``pretrained=False``.
 
+    ``on_error`` says what an image that is missing or unreadable does: ``"raise"`` (default) raises
+    :class:`ImageReadError` before any inference; ``"skip"`` leaves it out of the results with a logged warning; a
+    callable ``on_error(path, error)`` is called for it and it is left out (the command line reports each on stderr
+    this way and exits with 1). The results then hold the readable images only, in order.
+
     Raises:
-        ImageReadError: an image is missing or unreadable (all images are opened before any inference).
+        ImageReadError: an image is missing or unreadable and ``on_error="raise"`` (all images are opened before
+            any inference).
         CheckpointError: weights that cannot be had (offline), read or fitted.
         ValueError: ``topk`` < 1, unknown model, class names that do not match the model.
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    paths = expand_images(images)
-    pictures = [load_image(p) for p in paths]
+    if not callable(on_error) and on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
+    paths, pictures = [], []
+    for path in expand_images(images):
+        try:
+            pictures.append(load_image(path))
+        except ImageReadError as e:
+            if on_error == "raise":
+                raise
+            if callable(on_error):
+                on_error(path, e)
+            else:
+                _logger.warning("skipped %s", e)
+            continue
+        paths.append(path)
+    if not pictures:
+        return []
     info: dict = {}
     loaded_here = model is None or isinstance(model, str)
     if loaded_here:

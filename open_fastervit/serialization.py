@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import socket
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -94,15 +96,38 @@ def load_checkpoint_file(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} carries pickled objects other than tensors and argparse.Namespace; refusing to load it "
-            f"(weights_only=True). Detail: {str(e).splitlines()[0]}"
+            f"(weights_only=True){_unpickling_detail(e)}"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e or type(e).__name__}"
+            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {_first_sentence(e)}"
         ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     return dict(obj)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an exception's text, without ANSI escape codes (torch's and miniz's advice dropped)."""
+    text = " ".join(_ANSI.sub("", str(error)).split())
+    if not text:
+        return type(error).__name__
+    head = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return head if len(head) <= 200 else head[:197] + "..."
+
+
+def _unpickling_detail(error: BaseException) -> str:
+    """``: the file holds <global>`` for torch's weights-only refusal (its advice to load with
+    ``weights_only=False`` dropped), else the first sentence of the error."""
+    text = _ANSI.sub("", str(error))
+    found = re.search(r"GLOBAL\s+([\w.<>]+)", text) or re.search(r"Unsupported global:\s*([\w.<>]+)", text)
+    if found:
+        return f": the file holds {found.group(1)}, which is not allowed"
+    detail = re.search(r"WeightsUnpickler error:\s*(.*)", text)
+    return f": {_first_sentence(ValueError(detail.group(1) if detail else text))}"
 
 
 def select_weights(checkpoint: Mapping, ema: str = "avoid") -> tuple[dict[str, Tensor], str]:
@@ -165,7 +190,40 @@ def _metadata(path: Path, obj: Mapping) -> dict[str, Any]:
         info["architecture"] = str(arch)
     if config.get("model_kwargs") and "model_kwargs" not in info:
         info["model_kwargs"] = dict(config["model_kwargs"])
+    for key in ("img_size", "class_names"):  # the training run's input size (and names, when the config has them)
+        if config.get(key) and key not in info:
+            info[key] = config[key]
+    if config and "class_names" not in info:
+        names = _run_class_names(path, info.get("architecture"))
+        if names:
+            info["class_names"] = names
     return info
+
+
+#: Weight files ``fastervit train`` writes beside its ``last.pt``; they carry the run's class names.
+RUN_WEIGHT_FILES = ("last.safetensors", "best.safetensors", "last_ema.safetensors")
+
+
+def _run_class_names(path: Path, architecture: Any) -> list[str] | None:
+    """Class names of a training run, for its ``last.pt`` (which holds the config, not the names): read from the
+    weight files the same run wrote beside it (same architecture), so every file of a run gives the same labels."""
+    from safetensors import safe_open
+
+    for name in RUN_WEIGHT_FILES:
+        sibling = path.parent / name
+        if not sibling.is_file():
+            continue
+        try:
+            with safe_open(str(sibling), framework="pt") as f:
+                raw = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - an unreadable sibling only means no names from it
+            continue
+        if architecture and raw.get("architecture") not in (None, str(architecture)):
+            continue
+        names = _json_or_text(raw["class_names"]) if "class_names" in raw else None
+        if isinstance(names, list) and names:
+            return [str(n) for n in names]
+    return None
 
 
 def read_weights(path: str | Path, ema: str = "prefer") -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -201,20 +259,52 @@ def weights_in_folder(folder: str | Path) -> Path:
 
 
 def _hub_help(what: str, repo: str, filename: str, reason: str) -> CheckpointError:
-    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub import constants
 
     return CheckpointError(
         f"the published weights of {what} ({repo}/{filename} on the Hugging Face hub) cannot be had: {reason}. "
-        f"Pass a weights file instead (command line: --checkpoint FILE; Python: load_model(FILE)), or put the "
-        f"file in the Hugging Face cache ({HF_HUB_CACHE}, e.g. `huggingface-cli download {repo} {filename}` on a "
-        f"connected machine), or ask for random weights by name (--random-weights; Python: pretrained=False)."
+        f"Pass a weights file (--checkpoint FILE; Python: load_model(FILE)), put it in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), or use random weights (--random-weights; Python: pretrained=False)."
     )
+
+
+#: Seconds the connectivity probe of :func:`locate_weights` waits for the hub before giving up.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """None when a TCP connection to the hub endpoint opens within ``timeout`` s, else why not (one line).
+
+    huggingface_hub retries a failed download several times with growing pauses (tens of seconds offline); one
+    quick probe first lets an unreachable hub fail in a few seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{constants.ENDPOINT} cannot be reached ({_first_sentence(e)}) and the file is not in the cache"
 
 
 def locate_weights(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) -> Path:
     """A local file holding the weights a timm pretrained cfg points at: ``file`` (a file, or a model folder with
-    ``source='local-dir'``), else ``hf_hub_id`` + ``hf_hub_filename`` (downloaded or found in the HF cache), else
+    ``source='local-dir'``), else ``hf_hub_id`` + ``hf_hub_filename`` (the HF cache first, then downloaded), else
     ``url`` (downloaded into torch's hub cache).
+
+    For the hub: a file in the Hugging Face cache is used without any network access; otherwise, unless
+    ``HF_HUB_OFFLINE`` is set, one connectivity probe (:data:`HUB_PROBE_TIMEOUT` s) runs before the download, so an
+    unreachable hub fails in seconds instead of waiting through huggingface_hub's retries.
 
     Raises:
         CheckpointError: nothing to load, or the download fails (offline, no connection, missing file); the message
@@ -226,20 +316,29 @@ def locate_weights(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) 
         path = Path(file)
         return weights_in_folder(path) if path.is_dir() else path
     if cfg.get("hf_hub_id"):
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
         repo, filename = cfg["hf_hub_id"], cfg.get("hf_hub_filename") or FOLDER_FILES[0]
         repo, _, revision = repo.partition("@")
         try:
-            return Path(hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir))
-        except LocalEntryNotFoundError as e:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-            reason = "HF_HUB_OFFLINE is set and the file is not in the cache" if offline else (
-                f"no connection to the hub and the file is not in the cache ({str(e).splitlines()[0]})")
-            raise _hub_help(what, repo, filename, reason) from None
+            cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision or None)
+        except (HFValidationError, ValueError, OSError):
+            cached = None
+        if isinstance(cached, str) and os.path.isfile(cached):
+            return Path(cached)
+        if _hub_offline():
+            raise _hub_help(what, repo, filename, "HF_HUB_OFFLINE is set and the file is not in the cache")
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise _hub_help(what, repo, filename, unreachable)
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir,
+                                        etag_timeout=HUB_PROBE_TIMEOUT))
+        except LocalEntryNotFoundError:
+            raise _hub_help(what, repo, filename, "no connection to the hub and the file is not in the cache") from None
         except (HfHubHTTPError, HFValidationError, OSError) as e:
-            raise _hub_help(what, repo, filename, f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise _hub_help(what, repo, filename, f"{type(e).__name__}: {_first_sentence(e)}") from None
     if cfg.get("url"):
         from timm.models._hub import download_cached_file
 
@@ -261,6 +360,15 @@ def _listing(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+#: The hint of :func:`check_fit`'s error; ``open_fastervit.loading`` replaces it by :data:`KWARGS_HINT` when the file
+#: names the model's own architecture.
+ARCH_HINT = "is it for another architecture?"
+KWARGS_HINT = (
+    "the file names this architecture, so its architecture arguments differ from the model's: pass the "
+    "model_kwargs it was built with (Python: model_kwargs={...}; command line: --model-kwargs JSON)"
+)
+
+
 def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` naming every missing/unexpected key and shape disagreement."""
     expected = model.state_dict()
@@ -280,9 +388,7 @@ def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "c
         problems.append(f"unexpected in the {what}: {_listing(unexpected)}")
     if problems:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise CheckpointError(
-            f"the {what} does not fit {name} (is it for another architecture?): " + "; ".join(problems)
-        )
+        raise CheckpointError(f"the {what} does not fit {name} ({ARCH_HINT}): " + "; ".join(problems))
 
 
 def _names(model: nn.Module, key: str, default: str) -> tuple[str, ...]:
@@ -359,14 +465,37 @@ def fit_state(
 # ---- writing -----------------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where possible, which leaves it untouched)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename the temp file onto ``path`` (same folder)."""
+    """Call ``write(tmp_path)`` then atomically rename the temp file onto ``path`` (same folder).
+
+    The file gets the mode a plain ``open(path, "w")`` gives: an existing file's mode, else ``0o666 & ~umask``
+    (not the ``0o600`` of the temporary file).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -376,19 +505,90 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     return path
 
 
+#: Factory options timm keeps in ``model._model_args`` that are not architecture arguments: stored apart
+#: (num_classes, in_chans), training-time regularisation, or pretrained-loading / placement options.
+NOT_ARCHITECTURE_ARGS = frozenset({
+    "num_classes", "in_chans", "drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pretrained",
+    "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "pretrained_model_args", "checkpoint_path",
+    "cache_dir", "features_only", "out_indices", "feature_cfg", "feature_cls", "scriptable", "exportable", "no_jit",
+    "device", "dtype",
+})
+
+
+def architecture_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The architecture arguments a timm model was built with: those of timm's ``model._model_args`` (the factory
+    kwargs) that are parameters of the model class (all of them when it takes ``**kwargs``), less
+    :data:`NOT_ARCHITECTURE_ARGS`; tuples as lists (JSON). Empty for a model built without ``timm.create_model``."""
+    import inspect
+
+    given = dict(getattr(model, "_model_args", None) or {})
+    try:
+        params = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        params = {}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key in NOT_ARCHITECTURE_ARGS or not (open_ended or key in params):
+            continue
+        value = list(value) if isinstance(value, tuple) else value
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        out[key] = value
+    return out
+
+
+def _inference_form_layer(model: nn.Module) -> str | None:
+    """The name of a fused (inference-form) layer of ``model``, None when it has none."""
+    from .layers.fused import FusedConv2d, FusedLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, (FusedLinear, FusedConv2d)) or getattr(module, "fused", False) is True:
+            return name or type(module).__name__
+    return None
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``model``'s state dict to ``path`` as safetensors (atomically), with string metadata.
 
-    The architecture name is stored in the metadata when the model carries a timm ``pretrained_cfg``; other values
-    than strings are stored as JSON.
+    Stored besides the weights: the architecture name (when the model carries a timm ``pretrained_cfg``),
+    ``num_classes``, and ``model_kwargs``, the architecture arguments the model was built with
+    (:func:`architecture_kwargs`, updated by a ``model_kwargs`` entry of ``metadata``), so that
+    ``load_model(path)`` builds the same model. Other values than strings are stored as JSON.
+
+    Raises:
+        ValueError: ``model`` is the inference form (``fuse()`` / ``inference_form``), whose weights no model
+            loads back.
     """
     from safetensors.torch import save_file
 
+    fused = _inference_form_layer(model)
+    if fused is not None:
+        raise ValueError(
+            f"this is the inference form (fuse()/inference_form; fused layer {fused}): its weights load into no "
+            "model. Save the trainable model (before fuse()), or use torch.save / an export (ONNX, torch.export) "
+            "for the fused form."
+        )
     meta = {"format": "pt", "library": "open_fastervit"}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("architecture"):
         meta["architecture"] = str(cfg["architecture"])
     meta["num_classes"] = str(getattr(model, "num_classes", ""))
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    extra = dict(metadata or {})
+    arch_kwargs = {**architecture_kwargs(model), **_json_dict(extra.pop("model_kwargs", None))}
+    if arch_kwargs:
+        meta["model_kwargs"] = json.dumps(arch_kwargs)
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def _json_dict(value: Any) -> dict[str, Any]:
+    """A ``model_kwargs`` metadata value (dict or JSON text) as a dict with lists for tuples."""
+    if isinstance(value, str):
+        value = _json_or_text(value)
+    if not isinstance(value, Mapping):
+        return {}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}

@@ -741,6 +741,7 @@ class _Trainer:
             "global_batch": self.global_batch,
             "world_size": self.info.world_size,
             "config": asdict(self.cfg),
+            "class_names": class_names(self.train_set),
             "epoch": p.epoch,
         }
 

@@ -27,7 +27,7 @@ from .serialization import (
     read_weights,
 )
 
-__all__ = ["MODEL_NAMES", "OFFICIAL_NAMES", "PUBLISHED", "create_model", "list_models", "resolve_name"]
+__all__ = ["MODEL_NAMES", "OFFICIAL_NAMES", "PUBLISHED", "close_names", "create_model", "list_models", "resolve_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -191,6 +191,32 @@ for _name in MODEL_NAMES:
     _register(_name)
 
 
+#: Characters typed for one another (letter O / digit 0, letter l or I / digit 1): compared as equal when ranking
+#: near-miss names.
+_LOOKALIKES = str.maketrans({"o": "0", "l": "1", "i": "1"})
+
+
+def _lookalike(text: str) -> str:
+    return text.lower().replace("-", "_").translate(_LOOKALIKES)
+
+
+def close_names(name: str, candidates: list[str], n: int = 4, cutoff: float = 0.5) -> list[str]:
+    """Up to ``n`` of ``candidates`` close to ``name``, best first.
+
+    Ranked by the ``difflib`` similarity of the names with case, ``-``/``_`` and look-alike characters (O/0, l/1,
+    I/1) folded together, so ``fastervit_O`` gives ``fastervit_0`` first; ties keep the candidates' order, and a
+    candidate equal to ``name`` up to those foldings comes before any other.
+    """
+    folded = _lookalike(name)
+    scored = []
+    for order, candidate in enumerate(candidates):
+        other = _lookalike(candidate)
+        ratio = 2.0 if other == folded else difflib.SequenceMatcher(None, folded, other).ratio()
+        if ratio >= cutoff:
+            scored.append((-ratio, order, candidate))
+    return [candidate for _, _, candidate in sorted(scored)[:n]]
+
+
 def resolve_name(name: str) -> str:
     """Our timm name for ``name`` (ours, with or without a pretrained tag, or an official ``faster_vit_*`` alias).
 
@@ -202,7 +228,7 @@ def resolve_name(name: str) -> str:
         return name
     if base in OFFICIAL_NAMES:
         return OFFICIAL_NAMES[base]
-    close = difflib.get_close_matches(base, list(MODEL_NAMES) + list(OFFICIAL_NAMES), n=4, cutoff=0.5)
+    close = close_names(base, list(MODEL_NAMES) + list(OFFICIAL_NAMES))
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown FasterViT model {name!r}{hint} (known: {', '.join(MODEL_NAMES)})")
 

@@ -37,9 +37,12 @@ def test_every_listed_command_has_help(command: str, capsys) -> None:
 
 
 def test_dispatcher_lists_only_existing_commands(capsys) -> None:
-    assert "export" not in cli.COMMANDS  # listed before without a module behind it
-    assert cli.main(["export"]) == 2
-    assert "unknown command 'export'" in capsys.readouterr().err
+    import importlib
+
+    for name in cli.COMMANDS:  # every listed command has its module (export was listed before without one)
+        assert callable(importlib.import_module(f"open_fastervit.cli.{name}").main)
+    assert cli.main(["nosuchcommand"]) == 2
+    assert "unknown command 'nosuchcommand'" in capsys.readouterr().err
     assert cli.main([]) == 0 and "commands:" in capsys.readouterr().out
 
 
@@ -83,3 +86,42 @@ def test_one_precision_vocabulary(capsys) -> None:
     argv = ["--models", "fastervit_0", "--precisions", "fp32,bf16"]  # the old option and words still work
     cfg = bench_cli.config_from_args(bench_cli.build_parser().parse_args(argv), argv)
     assert cfg.precisions == ["fp32", "bf16"] and "--precisions is deprecated" in capsys.readouterr().err
+
+
+def test_unknown_name_suggests_its_lookalike_first_without_a_random_weights_note(image: Path, capsys) -> None:
+    """Review item 4: 'fastervit_O' suggested fastervit_6, 5, 4, 3 (difflib ties) after a note that the unknown
+    model has random weights; expected: fastervit_0 first, and no note."""
+    from open_fastervit.zoo import MODEL_NAMES, close_names
+
+    assert close_names("fastervit_O", list(MODEL_NAMES))[0] == "fastervit_0"
+    assert close_names("fastervit_l", list(MODEL_NAMES))[0] == "fastervit_1"
+    assert predict_cli.main([str(image), "--model", "fastervit_O", "--random-weights"]) == 1
+    err = capsys.readouterr().err
+    assert "did you mean fastervit_0," in err and "random weights" not in err
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_predict_without_weights_fails_fast_when_the_hub_cannot_be_reached(
+    image: Path, tmp_path: Path, monkeypatch, capsys, offline: bool
+) -> None:
+    """Review item 5: offline, `fastervit predict img` took ~39 s with 6 'Retrying in Ns' lines; expected: under
+    15 s, one short message (what failed, --checkpoint FILE, the cache path, --random-weights), whether
+    HF_HUB_OFFLINE is set or the hub just cannot be reached (here: an endpoint that refuses connections)."""
+    import time
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", offline)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    assert predict_cli.main([str(image)]) == 1
+    assert time.monotonic() - start < 15
+    err = capsys.readouterr().err
+    assert ("HF_HUB_OFFLINE is set" if offline else "http://127.0.0.1:9 cannot be reached") in err
+    assert "--checkpoint FILE" in err and str(tmp_path / "hub") in err and "--random-weights" in err
+    assert "Retrying" not in err and len(err.strip().splitlines()) == 1 and len(err) < 500

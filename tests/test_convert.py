@@ -133,7 +133,7 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
 def test_checkpoint_for_another_architecture_names_the_problem(official_small, tmp_path: Path) -> None:
     path = _write_official(tmp_path / "small.pth.tar", official_small)
     expected = (
-        r"another architecture.*shapes disagree: stem.conv2.weight: \(32, 16, 3, 3\) in checkpoint, "
+        r"architecture arguments differ.*shapes disagree: stem.conv2.weight: \(32, 16, 3, 3\) in checkpoint, "
         r"\(48, 16, 3, 3\) in model.*missing from the checkpoint: stages.2.blocks.2"
     )
     with pytest.raises(CheckpointError, match=expected):

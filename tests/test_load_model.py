@@ -203,3 +203,113 @@ def test_published_weights_offline_say_how_to_pass_a_file(tmp_path: Path, monkey
         assert str(tmp_path / "hub") in text and "--random-weights" in text
     model = load_model("fastervit_0", pretrained=False, model_kwargs=SMALL)  # random only when asked by name
     assert model.weights_info["weights"] == "random"
+
+
+# ---- new-user review: one run's files agree, non-default models round-trip, clear refusals ----------------------
+
+
+def test_every_file_of_a_training_run_gives_the_same_size_and_labels(tmp_path: Path) -> None:
+    """Review item 1: ``last.pt`` gave no img_size / class_names (224 px, indices); expected: 32 and the names of
+    the run's classes, as ``best.safetensors`` and ``last_ema.safetensors`` give."""
+    from open_fastervit.train import TrainConfig, train
+    from open_fastervit.validate import data_config_for
+
+    data = data_path("tiny-imagenet-10")
+    arch = dict(dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=(7, 7, 3, 3))
+    train(TrainConfig(model="fastervit_0", model_kwargs=arch, data=str(data), img_size=32, train_images=16,
+                      val_images=8, batch_size=8, epochs=1, warmup_epochs=0, workers=0, threads=1, progress=False,
+                      tensorboard=False, model_ema=True, output=str(tmp_path)))
+    expected_names = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    for name in ("last.pt", "best.safetensors", "last_ema.safetensors"):
+        model = load_model(tmp_path / name)
+        info = model.weights_info
+        assert int(info["img_size"]) == 32, name
+        assert info["class_names"] == expected_names, name
+        assert data_config_for(model, info)["input_size"] == (3, 32, 32), name
+
+
+def test_save_weights_records_the_architecture_arguments(tmp_path: Path) -> None:
+    """Review item 2: a non-default model saved without metadata did not load back (shape error); expected: its
+    architecture arguments stored as model_kwargs (not num_classes / drop rates) and the same outputs."""
+    model = timm.create_model("fastervit_0", dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4),
+                              window_size=(7, 7, 3, 3), num_classes=10, drop_path_rate=0.1).eval()
+    path = open_fastervit.save_weights(model, tmp_path / "t.safetensors")
+    loaded = load_model(path)
+    assert loaded.weights_info["model_kwargs"] == {
+        "dim": 16, "in_dim": 8, "depths": [1, 1, 2, 2], "num_heads": [1, 2, 2, 4], "window_size": [7, 7, 3, 3]}
+    assert loaded.num_classes == 10
+    x = torch.randn(X)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_misfit_of_the_named_architecture_suggests_model_kwargs(tmp_path: Path) -> None:
+    """Review item 2: 'is it for another architecture?' for a file naming the model's own architecture; expected:
+    the hint that its architecture arguments differ, with model_kwargs."""
+    path = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in ours().state_dict().items()}, path,
+              metadata={"architecture": "fastervit_0"})
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    text = str(err.value)
+    assert "architecture arguments differ" in text and "model_kwargs" in text
+    assert "another architecture" not in text
+
+
+def test_save_weights_refuses_the_inference_form(tmp_path: Path) -> None:
+    """Review item 3: a fused model was written silently (a file nothing loads); expected: ValueError, no file."""
+    from open_fastervit.fused import inference_form
+
+    fused = inference_form(ours())
+    with pytest.raises(ValueError, match=r"this is the inference form \(fuse\(\)/inference_form"):
+        open_fastervit.save_weights(fused, tmp_path / "fused.safetensors")
+    assert not (tmp_path / "fused.safetensors").exists()
+
+
+def test_unreadable_checkpoint_errors_are_short(tmp_path: Path) -> None:
+    """Review item 7: torch's ANSI codes and advice to load untrusted files with weights_only=False, and miniz's
+    ~300-character paragraph; expected: the offending global named, one sentence, no advice."""
+    files = _bad_files(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(files["unsafe global"][0], model_kwargs=SMALL)
+    text = str(err.value)
+    assert "NotAllowed" in text and "\x1b" not in text and "weights_only=False" not in text
+    assert "trust" not in text and len(text) < 300
+    with pytest.raises(CheckpointError) as err:
+        load_model(files["truncated zip"][0], model_kwargs=SMALL)
+    text = str(err.value)
+    assert text.endswith("failed finding central directory.") and "miniz" not in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path: Path, umask: int) -> None:
+    """Review item 8: files were 0600 (mkstemp); expected: 0666 & ~umask (0644 / 0640), and an existing file's mode
+    kept, as open(path, "w") does."""
+    import os
+    import stat
+
+    from open_fastervit.serialization import atomic_write
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+        os.chmod(path, 0o600)
+        atomic_write(path, lambda tmp: Path(tmp).write_text("y"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_architecture_other_than_the_files(tmp_path: Path, caplog, capsys) -> None:
+    """Review item 9: --model fastervit_1 with a fastervit_0 file was taken silently; expected: a warning naming
+    both when the weights fit, an error naming the file's architecture when they do not."""
+    path = open_fastervit.save_weights(ours(), tmp_path / "w.safetensors")
+    with caplog.at_level("WARNING", logger="open_fastervit.loading"):
+        model = load_model(path, architecture="fastervit_1")
+    assert model.weights_info["file_architecture"] == "fastervit_0"
+    assert "names architecture fastervit_0 but fastervit_1 was asked for" in caplog.text
+    with pytest.raises(CheckpointError, match="holds a fastervit_0 .*not a fastervit_3"):
+        load_model(path, architecture="fastervit_3")  # layer scales: the weights do not fit
+    assert validate_cli.main([str(data_path("tiny-imagenet-10")), "-c", str(path), "--model", "fastervit_3"]) == 1
+    assert "holds a fastervit_0" in capsys.readouterr().err

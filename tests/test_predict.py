@@ -100,3 +100,26 @@ def test_cli(tmp_path, capsys):
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     assert main([str(folder), "--model-kwargs", kwargs, "--random-weights"]) == 1
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_reported_and_the_rest_classified(tmp_path, capsys):
+    """Review item 6: `fastervit predict corrupt.jpg notimage.jpg good.jpg -c W` stopped at the first; expected:
+    good.jpg classified, both bad ones named on stderr, exit code 1; predict(on_error="skip") gives the one result,
+    the default still raises."""
+    weights = open_fastervit.save_weights(tiny(10), tmp_path / "w.safetensors")
+    corrupt, text, good = tmp_path / "corrupt.jpg", tmp_path / "notimage.jpg", tmp_path / "good.jpg"
+    shutil.copy(stub("koala.jpg"), good)
+    corrupt.write_bytes(stub("koala.jpg").read_bytes()[:200])
+    text.write_text("not an image\n")
+    assert main([str(corrupt), str(text), str(good), "-c", str(weights)]) == 1
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and out.startswith(f"{good}: ")
+    assert "corrupt.jpg" in err and "notimage.jpg" in err and "2 of 3 images could not be read" in err
+    assert main([str(good), "-c", str(weights)]) == 0
+    preds = predict([corrupt, text, good], checkpoint=weights, on_error="skip", device="cpu")
+    assert [p.image for p in preds] == [str(good)]
+    seen = []
+    predict([corrupt, good], checkpoint=weights, on_error=lambda path, e: seen.append(path), device="cpu")
+    assert seen == [corrupt]
+    with pytest.raises(ImageReadError, match="corrupt.jpg"):
+        predict([corrupt, good], checkpoint=weights, device="cpu")

@@ -66,3 +66,12 @@ def test_unused_parameters_helper(size, expected) -> None:
     assert all(".ct_" in n or "carrier_init" in n for n in unused)
     if size[0] <= 113:  # the backward-pass check is slow at larger sizes on 2 cores
         assert sorted(unused) == sorted(_unused_parameters(model, (3, *size), torch.device("cpu")))
+
+
+def test_input_dtype_mismatch_is_reported_clearly() -> None:
+    """A float64 input to a float32 model gave torch's "expected scalar type Double but found Float"."""
+    model = timm.create_model("fastervit_0", **TINY).eval()
+    with pytest.raises(TypeError, match=r"input is torch.float64 but the model's weights are torch.float32"):
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes itself
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)

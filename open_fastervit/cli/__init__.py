@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "serve": "HTTP inference server with dynamic batching and an upload page",
     "bench": "throughput/latency/memory against the official model and peers",
     "convert": "convert an official .pth.tar checkpoint to safetensors",
+    "export": "export to ONNX or a torch.export .pt2 (dynamic batch and size), checked",
     "models": "list the published architectures",
 }
 

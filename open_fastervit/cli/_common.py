@@ -74,7 +74,17 @@ def model_call_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def random_weights_note(command: str, args: argparse.Namespace) -> None:
-    """Say on stderr that the answers come from random weights (asked for with --random-weights)."""
+    """Say on stderr that the answers come from random weights (asked for with --random-weights).
+
+    Nothing is said for a model name that does not resolve: the command's own error about the name follows, and a
+    note about a model that will not be built would only mislead."""
     if args.random_weights:
+        if args.model:
+            from open_fastervit.loading import _architecture
+
+            try:
+                _architecture(args.model)
+            except ValueError:
+                return
         print(f"fastervit {command}: note: {args.model or DEFAULT_MODEL} has random weights (--random-weights); "
               "its answers mean nothing", file=sys.stderr)

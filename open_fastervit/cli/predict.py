@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from open_fastervit.cli._common import add_model_args, model_call_args, random_weights_note
 from open_fastervit.predict import format_prediction, predict
@@ -25,14 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``fastervit predict``; 0 on success, 1 with a one-line message for bad images, weights or arguments."""
+    """Run ``fastervit predict``: every readable image is classified; each unreadable one is named on stderr.
+
+    Returns 0 when every image was classified, 1 when any image could not be read or on a one-line error for bad
+    weights or arguments."""
     args = build_parser().parse_args(argv)
     random_weights_note("predict", args)
+    failed: list[Path] = []
+
+    def report(path: Path, error: Exception) -> None:
+        failed.append(path)
+        print(f"fastervit predict: error: {error}", file=sys.stderr)
+
     try:
-        preds = predict(args.images, args.model, classes=args.classes, topk=args.topk, **model_call_args(args))
+        preds = predict(args.images, args.model, classes=args.classes, topk=args.topk, on_error=report,
+                        **model_call_args(args))
     except (FileNotFoundError, ValueError) as e:  # CheckpointError and ImageReadError are ValueErrors
         print(f"fastervit predict: error: {e}", file=sys.stderr)
         return 1
     for pred in preds:
         print(json.dumps(asdict(pred)) if args.json else format_prediction(pred))
+    if failed:
+        print(f"fastervit predict: {len(failed)} of {len(failed) + len(preds)} images could not be read",
+              file=sys.stderr)
+        return 1
     return 0

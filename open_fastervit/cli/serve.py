@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most concurrent requests run in one forward pass (default 16; 1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long a request may wait for others to join its batch (default 10 ms)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of the forward pass (default: torch's; 1 suits a busy machine)")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="largest image, width x height (default 50,000,000)")
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.topk < 1 or args.max_upload_mb <= 0:
         parser.error("--max-batch and --topk must be >= 1, --max-wait-ms >= 0 and --max-upload-mb > 0")
     random_weights_note("serve", args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         model = load_for_serving(args.model, architecture=args.architecture, model_kwargs=args.model_kwargs,
                                  use_ema=not args.raw, pretrained=not args.random_weights, fuse=args.fuse)

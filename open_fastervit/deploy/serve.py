@@ -1,0 +1,597 @@
+"""HTTP inference server (``fastervit serve``): top-k classes of uploaded images, with dynamic batching.
+
+Endpoints: ``POST /predict`` (an image as the multipart field ``file``, or the raw image bytes as the body) answers
+``{"labels", "indices", "probs", "model", "weights"}``; ``GET /health`` reports the model, its device, the queue
+depth and how many batches and requests were served; ``GET /`` is a small page to upload an image and see its top-5
+as bars; ``GET /docs`` is the OpenAPI page.
+
+Why FastAPI on uvicorn: both are well kept and widely used, the handlers are async (a request waiting for its batch
+holds no thread), multipart uploads are parsed by Starlette, and the OpenAPI schema and ``/docs`` page come for free.
+A serving framework such as LitServe would add a dependency for dynamic batching, which is the few dozen lines of
+asyncio in :class:`Batcher`.
+
+What a request goes through:
+
+1. The body is read with a size limit (:data:`MAX_UPLOAD_BYTES`, 413 past it, also for chunked uploads).
+2. In a thread of the default pool: the header is checked against a pixel limit (:data:`MAX_PIXELS`, 413), the image
+   is decoded by :func:`open_fastervit.data.read_image` (the reader of ``predict``, validation and training: 16-bit
+   images are scaled, not clipped) and put through the model's evaluation transform (the one ``fastervit predict``
+   builds: ``create_transform(**data_config_for(model, info))``). Bad images answer 400 with a message.
+3. The tensor joins the :class:`Batcher` queue; a background task takes up to ``max_batch`` requests, waiting at most
+   ``max_wait_ms`` after the first for more, runs one forward pass in its own thread (so the event loop keeps
+   accepting requests) and gives each request its own row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+
+from open_fastervit.data import ImageDecodeError, read_image
+from open_fastervit.fused import inference_form
+from open_fastervit.loading import DEFAULT_MODEL, load_model
+from open_fastervit.predict import Prediction, resolve_class_names
+from open_fastervit.validate import data_config_for, default_device
+
+__all__ = [
+    "MAX_PIXELS",
+    "MAX_UPLOAD_BYTES",
+    "Batcher",
+    "Classifier",
+    "LoadReport",
+    "UploadError",
+    "create_app",
+    "load_for_serving",
+    "load_test",
+    "serve",
+    "free_port",
+    "server_process",
+]
+
+#: Largest accepted upload (bytes); larger bodies answer 413.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+#: Largest accepted image (width x height, read from the header before decoding); larger images answer 413.
+MAX_PIXELS = 50_000_000
+#: Room for the multipart boundaries and headers around a file of MAX_UPLOAD_BYTES.
+_MULTIPART_SLACK = 64 * 1024
+
+Row = dict[str, list]
+
+
+class UploadError(ValueError):
+    """An upload that cannot be classified; ``status`` is the HTTP status to answer with (400 or 413)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------------
+# the model side: bytes -> tensor, batch -> top-k rows
+# --------------------------------------------------------------------------------------------------
+
+
+def load_for_serving(
+    source: str | Path | None = None,
+    *,
+    architecture: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    use_ema: bool = True,
+    pretrained: bool = True,
+    fuse: bool = True,
+) -> torch.nn.Module:
+    """``open_fastervit.load_model(source)`` (default :data:`~open_fastervit.loading.DEFAULT_MODEL`) in its exact
+    inference form (``open_fastervit.inference_form``; ``fuse=False``: as built, in eval mode).
+
+    Raises:
+        CheckpointError: weights that cannot be had (offline), read or fitted.
+        ValueError: unknown model name or bad architecture arguments.
+    """
+    model = load_model(source or DEFAULT_MODEL, architecture=architecture, model_kwargs=model_kwargs,
+                       use_ema=None if use_ema else False, pretrained=pretrained)
+    info = model.weights_info
+    if fuse:
+        model = inference_form(model)
+        model.weights_info = info
+    return model
+
+
+class Classifier:
+    """A model with the evaluation transform and class names of ``fastervit predict``.
+
+    :meth:`preprocess` (any thread) turns uploaded bytes into a ``(3, H, W)`` tensor; calling the classifier on a list
+    of such tensors runs one forward pass and returns one top-k row per tensor, in order. The model is used as it is
+    given (as ``predict`` does with a module): pass it through :func:`load_for_serving` for the fused form.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        classes: str | Path | Sequence[str] | None = None,
+        topk: int = 5,
+        img_size: int | None = None,
+        device: str | torch.device | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        info = dict(getattr(model, "weights_info", None) or {})
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.eval().to(self.device)
+        self.names = resolve_class_names(model.num_classes, classes, info)
+        self.data_config = data_config_for(model, info, img_size=img_size)
+        self.transform = create_transform(**self.data_config)
+        self.k = min(topk, model.num_classes)
+        self.max_pixels = max_pixels
+        self.model_name = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+                              or info.get("architecture") or type(model).__name__)
+        self.weights = str(info.get("weights", "unknown"))
+        self.source = str(info.get("source", ""))
+
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """Uploaded image bytes -> the model's input tensor ``(3, H, W)``.
+
+        Raises:
+            UploadError: 413 for an image over ``max_pixels``; 400 for bytes that are not a readable image (unknown
+                format, truncated, corrupt, samples that do not map to 8 bits).
+        """
+        try:
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                width, height = probe.size
+        except Image.DecompressionBombError as e:
+            raise UploadError(413, f"upload: image too large ({e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            raise UploadError(400, "upload: not a readable image (unknown or corrupt format)") from None
+        if width * height > self.max_pixels:
+            raise UploadError(413, f"upload: {width}x{height} = {width * height:,} pixels, over the limit of "
+                                   f"{self.max_pixels:,}")
+        try:
+            image = read_image(io.BytesIO(data), name="upload")
+        except ImageDecodeError as e:
+            raise UploadError(400, str(e)) from None
+        return self.transform(image)
+
+    def __call__(self, inputs: list[torch.Tensor]) -> list[Row]:
+        """One forward pass over ``inputs``; row ``i`` is the top-k of ``inputs[i]``."""
+        with torch.inference_mode():
+            batch = torch.stack(inputs).to(self.device)
+            probs, indices = self.model(batch).float().softmax(dim=-1).topk(self.k, dim=-1)
+        return [dict(labels=[self.names[j] for j in i], indices=i, probs=p)
+                for p, i in zip(probs.tolist(), indices.tolist())]
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamic batching
+# --------------------------------------------------------------------------------------------------
+
+
+class Batcher:
+    """Gathers concurrent requests into batches for ``run`` (a function of a list of inputs returning one result
+    per input, in order).
+
+    A background task on the server's event loop takes the first waiting request, waits up to ``max_wait_ms`` for
+    more (or until ``max_batch`` are waiting), runs ``run`` on them in a dedicated thread and resolves each request's
+    future with the result at its own position. Requests whose client has gone are dropped before the forward pass.
+    ``max_batch=1`` serves one request at a time. An exception from ``run`` fails that batch's requests only.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int = 16, max_wait_ms: float = 10.0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.batches = 0
+        self.requests = 0
+        self._in_flight = 0
+        self._pending: deque[tuple[Any, asyncio.Future]] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastervit-forward")
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or in the forward pass now."""
+        return len(self._pending) + self._in_flight
+
+    async def submit(self, item: Any) -> Any:
+        """Queue ``item`` and wait for its result."""
+        self._start()
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._arrived.set()
+        return await future
+
+    def _start(self) -> None:
+        """Start the batching task on the running loop (again if the loop changed, as under a test client)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop, self._arrived = loop, asyncio.Event()
+            self._pending = deque(p for p in self._pending if not p[1].done() and p[1].get_loop() is loop)
+            self._task = loop.create_task(self._work())
+
+    async def stop(self) -> None:
+        """Stop the batching task and its thread."""
+        if self._task is not None and self._loop is asyncio.get_running_loop():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+        self._executor.shutdown(wait=False)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastervit-forward")
+
+    async def _next_batch(self) -> list[tuple[Any, asyncio.Future]]:
+        """Wait for a first request, then up to ``max_wait`` for ``max_batch``; pop them."""
+        loop = asyncio.get_running_loop()
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = loop.time() + self.max_wait
+        while len(self._pending) < self.max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        taken = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+        return [(item, future) for item, future in taken if not future.done()]  # done: the client has gone
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            self._in_flight = len(batch)
+            try:
+                results = await loop.run_in_executor(self._executor, self.run, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(batch)} inputs gave {len(results)} results")
+            except Exception as e:  # noqa: BLE001  (fails this batch's requests, the server goes on)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+            else:
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+                self.batches += 1
+                self.requests += len(batch)
+            finally:
+                self._in_flight = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the HTTP app
+# --------------------------------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _limited(receive: Callable[[], Awaitable[dict]], limit: int) -> Callable[[], Awaitable[dict]]:
+    """An ASGI ``receive`` that raises :class:`_TooLarge` once the body passes ``limit`` bytes."""
+    seen = 0
+
+    async def wrapped() -> dict:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise _TooLarge
+        return message
+
+    return wrapped
+
+
+async def _read_upload(request: Request, limit: int) -> bytes:
+    """The uploaded image: the multipart field ``file``, else the raw body; at most ``limit`` bytes.
+
+    Raises:
+        UploadError: 413 past the limit, 400 for an empty upload or a form without a ``file`` field.
+    """
+    too_large = UploadError(413, f"upload: over the limit of {limit:,} bytes ({limit / 2**20:.3g} MB)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + _MULTIPART_SLACK:
+        raise too_large
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        limited = Request(request.scope, _limited(request.receive, limit + _MULTIPART_SLACK))
+        try:
+            form = await limited.form(max_files=1, max_fields=8)
+        except _TooLarge:
+            raise too_large from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise UploadError(400, "upload: the multipart form has no file field 'file' "
+                                       "(send -F file=@image.jpg, or the image bytes as the body)")
+            data = await upload.read(limit + 1)
+        finally:
+            await form.close()
+    else:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    if len(data) > limit:
+        raise too_large
+    if not data:
+        raise UploadError(400, "upload: empty body (send an image as the multipart field 'file' or as the body)")
+    return data
+
+
+_PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"],
+                       "properties": {"file": {"type": "string", "format": "binary"}}},
+        },
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+def create_app(
+    model: torch.nn.Module,
+    *,
+    classes: str | Path | Sequence[str] | None = None,
+    topk: int = 5,
+    max_batch: int = 16,
+    max_wait_ms: float = 10.0,
+    img_size: int | None = None,
+    device: str | torch.device | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> FastAPI:
+    """The FastAPI app serving ``model`` (used as given; see :func:`load_for_serving` for the fused form).
+
+    ``app.state.classifier`` (:class:`Classifier`) and ``app.state.batcher`` (:class:`Batcher`) are exposed for tests
+    and monitoring. The batching task starts with the first request and stops at shutdown.
+    """
+    classifier = Classifier(model, classes=classes, topk=topk, img_size=img_size, device=device,
+                            max_pixels=max_pixels)
+    batcher = Batcher(classifier, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    page = resources.files("open_fastervit.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="open_fastervit", summary="FasterViT image classification", lifespan=lifespan)
+    app.state.classifier = classifier
+    app.state.batcher = batcher
+
+    @app.post("/predict", openapi_extra={"requestBody": _PREDICT_BODY})
+    async def predict(request: Request) -> dict:
+        """Top-k classes of one image: the multipart field ``file``, or the image bytes as the body."""
+        try:
+            data = await _read_upload(request, max_upload_bytes)
+            x = await asyncio.to_thread(classifier.preprocess, data)
+        except UploadError as e:
+            raise HTTPException(status_code=e.status, detail=str(e)) from None
+        row = await batcher.submit(x)
+        return {**row, "model": classifier.model_name, "weights": classifier.weights}
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Model, weights, device, input size, queue depth and the batches and requests served so far."""
+        return dict(status="ok", model=classifier.model_name, weights=classifier.weights, source=classifier.source,
+                    device=str(classifier.device), input_size=list(classifier.data_config["input_size"]),
+                    num_classes=len(classifier.names), topk=classifier.k, queue=batcher.depth,
+                    batches=batcher.batches, requests=batcher.requests, max_batch=batcher.max_batch,
+                    max_wait_ms=batcher.max_wait * 1000)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return page
+
+    return app
+
+
+def serve(model: torch.nn.Module, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          **app_kwargs: Any) -> None:
+    """Serve ``model`` with uvicorn until interrupted (one process; ``app_kwargs`` go to :func:`create_app`)."""
+    import uvicorn
+
+    uvicorn.run(create_app(model, **app_kwargs), host=host, port=port, log_level=log_level)
+
+
+# --------------------------------------------------------------------------------------------------
+# load test
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_test` saw. ``lost``: requests that got no HTTP answer (connection error, timeout);
+    ``errors``: answers other than 200; ``mismatches``: 200 answers that differ from the expected prediction."""
+
+    url: str
+    clients: int
+    seconds: float
+    requests: int
+    ok: int
+    errors: int
+    lost: int
+    mismatches: int
+    p50_ms: float
+    p99_ms: float
+    throughput: float
+    batches: int
+    mean_batch: float
+
+    def summary(self) -> str:
+        return (f"{self.clients} clients x {self.seconds:.1f} s: {self.requests} requests, {self.ok} ok, "
+                f"{self.errors} errors, {self.lost} lost, {self.mismatches} mismatches; p50 {self.p50_ms:.1f} ms, "
+                f"p99 {self.p99_ms:.1f} ms, {self.throughput:.1f} req/s, {self.batches} batches "
+                f"(mean {self.mean_batch:.1f})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _agrees(answer: Mapping[str, Any], expected: Prediction | Mapping[str, Any], tolerance: float) -> bool:
+    want = asdict(expected) if isinstance(expected, Prediction) else expected
+    return (answer.get("indices") == list(want["indices"]) and answer.get("labels") == list(want["labels"])
+            and len(answer.get("probs", [])) == len(want["probs"])
+            and all(abs(a - b) <= tolerance for a, b in zip(answer["probs"], want["probs"])))
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def _load(url: str, payloads: list[tuple[str, bytes]], expected: Sequence[Any] | None, clients: int,
+                seconds: float, tolerance: float, timeout: float) -> LoadReport:
+    import httpx
+
+    base = url.rstrip("/")
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    counts = dict(requests=0, ok=0, errors=0, lost=0, mismatches=0)
+    latencies: list[float] = []
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        name, data = payloads[0]
+        (await client.post(f"{base}/predict", files={"file": (name, data)})).raise_for_status()  # warm-up
+        before = (await client.get(f"{base}/health")).json()
+        start = time.perf_counter()
+        stop_at = start + seconds
+
+        async def one_client(first: int) -> None:
+            j = first
+            while time.perf_counter() < stop_at:
+                name, data = payloads[j % len(payloads)]
+                want = expected[j % len(payloads)] if expected is not None else None
+                j += clients
+                counts["requests"] += 1
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(f"{base}/predict", files={"file": (name, data)})
+                except httpx.HTTPError:
+                    counts["lost"] += 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+                if response.status_code != 200:
+                    counts["errors"] += 1
+                elif want is not None and not _agrees(response.json(), want, tolerance):
+                    counts["mismatches"] += 1
+                else:
+                    counts["ok"] += 1
+
+        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        elapsed = time.perf_counter() - start
+        after = (await client.get(f"{base}/health")).json()
+    batches = after["batches"] - before["batches"]
+    served = after["requests"] - before["requests"]
+    return LoadReport(url=url, clients=clients, seconds=elapsed, **counts, p50_ms=1000 * _percentile(latencies, 50),
+                      p99_ms=1000 * _percentile(latencies, 99), throughput=(counts["ok"] + counts["mismatches"])
+                      / elapsed, batches=batches, mean_batch=served / batches if batches else 0.0)
+
+
+def load_test(
+    url: str,
+    images: Sequence[str | Path | bytes],
+    *,
+    clients: int = 8,
+    seconds: float = 3.0,
+    expected: Sequence[Prediction | Mapping[str, Any]] | None = None,
+    tolerance: float = 1e-5,
+    timeout: float = 60.0,
+) -> LoadReport:
+    """Send ``clients`` concurrent streams of ``POST /predict`` to the server at ``url`` for ``seconds``.
+
+    Client ``c`` sends images ``c, c + clients, ...`` (cycling), so concurrent requests carry distinct images when
+    there are enough. Each answer is compared with ``expected[i]`` (e.g. ``open_fastervit.predict.predict(images,
+    ...)`` with the server's weights): same indices and labels, probabilities within ``tolerance``. One warm-up
+    request is sent first and not counted; batches are read from ``/health`` before and after.
+    """
+    if clients < 1 or seconds <= 0:
+        raise ValueError(f"clients must be >= 1 and seconds > 0, got {clients} and {seconds}")
+    if not images:
+        raise ValueError("load_test needs at least one image")
+    if expected is not None and len(expected) != len(images):
+        raise ValueError(f"{len(expected)} expected predictions for {len(images)} images")
+    payloads = [(f"image{i}", item) if isinstance(item, bytes) else (Path(item).name, Path(item).read_bytes())
+                for i, item in enumerate(images)]
+    return asyncio.run(_load(url, payloads, expected, clients, seconds, tolerance, timeout))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for test and benchmark servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(
+    source: str | Path, port: int, *options: str, log: str | Path | None = None, timeout: float = 60.0
+) -> Iterator[str]:
+    """Run ``fastervit serve SOURCE --port PORT OPTIONS...`` in a subprocess (this Python) and yield its URL once
+    ``/health`` answers; terminate it on exit. Output goes to ``log`` (default: discarded).
+
+    Raises:
+        RuntimeError: the server exited or did not answer within ``timeout`` seconds (the log's tail is included).
+    """
+    import httpx
+
+    command = [sys.executable, "-m", "open_fastervit.cli", "serve", str(source), "--port", str(port), *options]
+    url = f"http://127.0.0.1:{port}"
+    with open(log or os.devnull, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = Path(log).read_text()[-2000:] if log else ""
+                state = f"exited with {process.returncode}" if process.returncode is not None else "did not answer"
+                raise RuntimeError(f"fastervit serve {state} ({' '.join(command)}):\n{tail}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
