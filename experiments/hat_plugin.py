@@ -1,20 +1,21 @@
 """Does Hierarchical Attention help a host network? A small-scale, CPU-sized check of the paper's plug-in claim.
 
-One command reproduces every number (JSON + markdown table under ``--out``)::
+One command reproduces every number (``results.json`` + ``results.md`` under ``--out``)::
 
-    python experiments/hat_plugin.py --out runs/hat_plugin          # about 20-25 min on one CPU core
-    python experiments/hat_plugin.py --out runs/hat_smoke --quick   # about 1 min smoke run (used by a test)
+    python experiments/hat_plugin.py --out runs/hat_plugin          # ~25 min on one quiet CPU core
+    python experiments/hat_plugin.py --out runs/hat_smoke --quick   # ~20 s smoke run (used by a test)
+    python experiments/hat_plugin.py --out runs/hat_plugin --parts long_range,speed,cost   # redo some parts
 
-Four parts, all with timm's Swin Transformer as the host and :func:`open_fastervit.plugins.add_hat`:
+Parts, all with timm's Swin Transformer as the host and :func:`open_fastervit.plugins.add_hat`:
 
-1. ``imagenet10``: a scaled-down Swin vs the same Swin + HAT on tiny-imagenet-10 (64 px), same budget, 3 seeds:
-   top-1, parameters, inference img/s (batch 32).
-2. ``long_range``: synthetic 64 px images, two small patterns in opposite corners, label = "same pattern". A
-   one-stage Swin (a regular and a shifted block, 4x4-token windows on a 16x16 token map) cannot connect the
-   corners, and with mean pooling and a linear head it provably cannot beat chance; HAT's carriers can.
-3. ``carrier_ablation``: carrier size ct = 1, 2, 3 on tiny-imagenet-10 (seed 0): top-1 against img/s.
-4. ``cost``: one attention block at C=128, stride 16, for 224..1024 px inputs: window attention (ws 7), HAT
-   (ws 7, ct 2) and global attention; time per forward and attention multiply-adds.
+* ``imagenet10``: a scaled-down Swin vs the same Swin + HAT on tiny-imagenet-10 (64 px), same budget, 3 seeds
+  (top-1, parameters); and the carrier size ct = 1, 2, 3 at seed 0 (``carrier_ablation``).
+* ``long_range``: synthetic 64 px images, two patterns in opposite corners, label = "same pattern". A one-stage
+  Swin (a regular and a shifted block, 4x4-token windows on a 16x16 token map) cannot connect the corners, and
+  with mean pooling and a linear head it cannot beat chance; HAT's carriers can.
+* ``speed``: inference img/s (batch 32) of every model above, measured together, round-robin.
+* ``cost``: one block at C=128, stride 16, for 224..1024 px inputs: window attention (ws 7), HAT (ws 7, ct 2)
+  and global attention; time per forward and attention multiply-adds.
 
 Everything runs with one intra-op thread (the machines this was sized for have two shared cores) and fixed
 seeds. These are small-scale numbers; the paper's ImageNet-1K deltas are not reproduced here.
@@ -54,6 +55,9 @@ HAT_STAGES = (0, 1)  # stage 0: 16x16 tokens = 4x4 windows; stage 1: 8x8 = 2x2 w
 # the host of part 2: one stage, a regular and a shifted block
 LONG_RANGE_HOST = dict(img_size=64, patch_size=4, embed_dim=32, depths=(2,), num_heads=(2,), window_size=4,
                        drop_path_rate=0.0)
+LONG_RANGE_DATA = (2000, 1000)  # train, test images
+LONG_RANGE_EPOCHS = 12
+LONG_RANGE_RECIPE = dict(lr=1e-3, batch=32, cosine=False, label_smoothing=0.0)
 
 
 def data_root() -> Path:
@@ -110,15 +114,17 @@ def count_params(model: nn.Module) -> int:
 
 
 def train_eval(model: nn.Module, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], epochs: int, seed: int,
-               lr: float = 1e-3, batch: int = 64, aug: bool = True,
-               prepare: Callable[[Tensor], Tensor] = normalize) -> dict[str, Any]:
-    """AdamW (timm, wd 0.05), cosine schedule with one warmup epoch, label smoothing 0.1. Returns top-1 on ``val``,
-    the mean training loss of each epoch and the wall time."""
+               lr: float = 1e-3, batch: int = 64, aug: bool = True, cosine: bool = True,
+               label_smoothing: float = 0.1, prepare: Callable[[Tensor], Tensor] = normalize) -> dict[str, Any]:
+    """AdamW (timm, wd 0.05); with ``cosine`` a cosine schedule with one warm-up epoch, else constant ``lr``.
+    Returns top-1 on ``val``, the mean training loss of each epoch and the wall time."""
     gen = torch.Generator().manual_seed(seed)
     opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
     steps = math.ceil(len(train[1]) / batch)
-    sched = CosineLRScheduler(opt, t_initial=epochs * steps, lr_min=lr * 0.01, warmup_t=min(steps, epochs * steps // 4),
-                              warmup_lr_init=lr * 0.01)
+    sched = None
+    if cosine:
+        sched = CosineLRScheduler(opt, t_initial=epochs * steps, lr_min=lr * 0.01,
+                                  warmup_t=min(steps, epochs * steps // 4), warmup_lr_init=lr * 0.01)
     losses: list[float] = []
     start = time.perf_counter()
     step = 0
@@ -131,12 +137,13 @@ def train_eval(model: nn.Module, train: tuple[Tensor, Tensor], val: tuple[Tensor
             x = prepare(train[0][idx])
             if aug:
                 x = augment(x, gen)
-            loss = F.cross_entropy(model(x), train[1][idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(x), train[1][idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            sched.step_update(step)
+            if sched is not None:
+                sched.step_update(step)
             total += loss.item()
         losses.append(total / steps)
     seconds = time.perf_counter() - start
@@ -155,17 +162,20 @@ def evaluate(model: nn.Module, data: tuple[Tensor, Tensor], prepare: Callable[[T
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, size: int = 64, batch: int = 32, repeats: int = 5) -> float:
-    """Inference images/s at ``batch`` (eval mode, no autograd; median of ``repeats`` after one warm-up)."""
-    model.eval()
+def throughputs(models: dict[str, nn.Module], size: int = 64, batch: int = 32, rounds: int = 7) -> dict[str, float]:
+    """Inference images/s at ``batch`` (eval mode, no autograd) of several models, measured round-robin: each
+    round runs every model once and each model keeps its fastest round, so load from other processes on a shared
+    machine hurts all models alike and as little as possible."""
     x = torch.randn(batch, 3, size, size)
-    model(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
+    best: dict[str, float] = {}
+    for model in models.values():
+        model.eval()(x)  # warm-up
+    for _ in range(rounds):
+        for name, model in models.items():
+            t = time.perf_counter()
+            model(x)
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+    return {name: round(batch / t, 1) for name, t in best.items()}
 
 
 # ---- part 2: the long-range task ---------------------------------------------------------------------------------
@@ -216,14 +226,14 @@ def attention_macs(h: int, w: int, dim: int, window: int | None, carrier_size: i
 
 @torch.no_grad()
 def time_forward(module: nn.Module, x: Tensor, repeats: int) -> float:
-    """Median milliseconds of ``module(x)`` after one warm-up."""
+    """Fastest of ``repeats`` runs of ``module(x)`` after one warm-up, in milliseconds (robust to a shared CPU)."""
     module(x)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         module(x)
         times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return 1000 * min(times)
 
 
 def cost_table(sizes: Sequence[int], dim: int = 128, heads: int = 4, window: int = 7, carrier_size: int = 2,
@@ -257,27 +267,85 @@ def summary(values: Sequence[float]) -> dict[str, float]:
             "min": round(min(values), 2), "max": round(max(values), 2)}
 
 
-def run(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """All four parts; writes ``results.json`` and ``results.md`` under ``out`` and returns the results."""
+PARTS = ("imagenet10", "long_range", "speed", "cost")  # imagenet10 includes the carrier ablation
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def run(out: Path, quick: bool = False, parts: Sequence[str] = PARTS,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The experiment; writes ``results.json`` and ``results.md`` under ``out`` and returns the results.
+
+    ``parts`` (default: all) selects what to (re)compute; a subset updates those entries of an existing
+    ``out/results.json`` (to redo one part without the others).
+
+    Raises:
+        ValueError: an unknown part, or a subset of parts without an existing ``results.json`` to update.
+    """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    results: dict[str, Any] = {}
+    if set(parts) != set(PARTS):
+        if not (out / "results.json").is_file():
+            raise ValueError(f"--parts {list(parts)} updates {out / 'results.json'}, which does not exist")
+        results = json.loads((out / "results.json").read_text())
     seeds = (0,) if quick else (0, 1, 2)
     epochs = 1 if quick else 4
+    rounds = 2 if quick else 7
+    results["setup"] = {"host": _jsonable(HOST), "hat_stages": list(HAT_STAGES), "epochs": epochs,
+                        "seeds": list(seeds), "threads": 1, "quick": quick, "torch": torch.__version__}
+
+    seconds = results.setdefault("seconds", {})
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        seconds[part] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    if "imagenet10" in parts:
+        results.update(imagenet10_parts(quick, seeds, epochs, log))
+        lap("imagenet10")
+    if "long_range" in parts:
+        results["long_range"] = long_range_part(quick, log)
+        lap("long_range")
+    if "speed" in parts:  # every model above, measured together (fresh weights: speed does not depend on them)
+        results["speed"] = {
+            "imagenet10": throughputs({f"ct{ct}": make_swin(HOST, 10, HAT_STAGES if ct else (), ct, 0)
+                                       for ct in (0, 1, 2, 3)}, rounds=rounds),
+            "long_range": throughputs({"swin": make_swin(LONG_RANGE_HOST, 2, (), 0, 0),
+                                       "swin+hat": make_swin(LONG_RANGE_HOST, 2, (0,), 2, 0)}, rounds=rounds),
+            "protocol": f"img/s, batch 32, 64 px, eval, round-robin, fastest of {rounds} rounds",
+        }
+        log(f"[speed] {results['speed']}")
+        lap("speed")
+    if "cost" in parts:
+        sizes = (224, 384) if quick else (224, 384, 512, 768, 1024)
+        results["cost"] = cost_table(sizes, repeats=1 if quick else 10)
+        for row in results["cost"]:
+            log(f"[cost] {row}")
+        lap("cost")
+
+    seconds["total"] = round(sum(v for k, v in seconds.items() if k in PARTS), 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    log(f"wrote {out / 'results.json'} and {out / 'results.md'} ({time.perf_counter() - started:.0f} s)")
+    return results
+
+
+def imagenet10_parts(quick: bool, seeds: Sequence[int], epochs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Parts 1 and 3: host vs host + HAT (ct 2) over ``seeds``, and ct 1 / 3 at the first seed."""
     root = data_root() / "tiny-imagenet-10"
-    limit = 20 if quick else None
-    train = load_image_folder(root / "train", limit)
+    train = load_image_folder(root / "train", 20 if quick else None)
     val = load_image_folder(root / "val", 10 if quick else None)
     log(f"tiny-imagenet-10: {len(train[1])} train, {len(val[1])} val")
-    results: dict[str, Any] = {
-        "setup": {"host": {k: list(v) if isinstance(v, tuple) else v for k, v in HOST.items()},
-                  "hat_stages": list(HAT_STAGES), "epochs": epochs, "seeds": list(seeds), "threads": 1,
-                  "quick": quick, "train_images": len(train[1]), "val_images": len(val[1]),
-                  "torch": torch.__version__},
-    }
-
-    # part 1: host vs host + HAT (ct 2)
-    part: dict[str, Any] = {}
+    part: dict[str, Any] = {"data": {"train_images": len(train[1]), "val_images": len(val[1])}}
     for name, stages, ct in (("swin", (), 0), ("swin+hat", HAT_STAGES, 2)):
         runs = []
         for seed in seeds:
@@ -285,94 +353,76 @@ def run(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> d
             r = train_eval(model, train, val, epochs, seed)
             runs.append(r)
             log(f"[imagenet10] {name} seed {seed}: top-1 {r['top1']:.1f} loss {r['epoch_loss']} {r['train_seconds']}s")
-        part[name] = {"params": count_params(model), "img_per_s": round(throughput(model), 1),
-                      "top1": [r["top1"] for r in runs], "top1_summary": summary([r["top1"] for r in runs]),
-                      "runs": runs}
-    results["imagenet10"] = part
-
-    # part 3: carrier size (seed 0; ct 2 is part 1's seed-0 run)
-    ablation = []
-    for ct in (1, 2, 3):
+        part[name] = {"params": count_params(model), "top1": [r["top1"] for r in runs],
+                      "top1_summary": summary([r["top1"] for r in runs]), "runs": runs}
+    ablation = [{"carrier_size": 0, "top1": part["swin"]["top1"][0], "params": part["swin"]["params"]}]
+    for ct in (1, 2, 3):  # ct 2 is the seed-0 run above
         if ct == 2:
-            top1, params, ips = part["swin+hat"]["top1"][0], part["swin+hat"]["params"], part["swin+hat"]["img_per_s"]
+            top1, params = part["swin+hat"]["top1"][0], part["swin+hat"]["params"]
         else:
             model = make_swin(HOST, 10, HAT_STAGES, ct, seeds[0])
-            top1 = train_eval(model, train, val, epochs, seeds[0])["top1"]
-            params, ips = count_params(model), round(throughput(model), 1)
-        ablation.append({"carrier_size": ct, "top1": top1, "params": params, "img_per_s": ips})
-        log(f"[ablation] ct {ct}: top-1 {top1:.1f}, {ips} img/s")
-    ablation.insert(0, {"carrier_size": 0, "top1": part["swin"]["top1"][0], "params": part["swin"]["params"],
-                        "img_per_s": part["swin"]["img_per_s"]})
-    results["carrier_ablation"] = ablation
+            top1, params = train_eval(model, train, val, epochs, seeds[0])["top1"], count_params(model)
+        ablation.append({"carrier_size": ct, "top1": top1, "params": params})
+        log(f"[ablation] ct {ct}: top-1 {top1:.1f}")
+    return {"imagenet10": part, "carrier_ablation": ablation}
 
-    # part 2: long-range task
-    n_train, n_test = (256, 128) if quick else (4000, 1000)
-    lr_train = corner_pairs(n_train, seed=1)
-    lr_test = corner_pairs(n_test, seed=2)
-    lr_epochs = 1 if quick else 10
-    long_range = {}
+
+def long_range_part(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Part 2: one-stage Swin vs the same + HAT on :func:`corner_pairs`."""
+    n_train, n_test = (256, 128) if quick else LONG_RANGE_DATA
+    train, test = corner_pairs(n_train, seed=1), corner_pairs(n_test, seed=2)
+    epochs = 1 if quick else LONG_RANGE_EPOCHS
+    part: dict[str, Any] = {"setup": {"host": _jsonable(LONG_RANGE_HOST), "hat_stages": [0], "carrier_size": 2,
+                                      "train": n_train, "test": n_test, "epochs": epochs, "patterns": 2,
+                                      "chance": 50.0, **LONG_RANGE_RECIPE}}
     for name, stages, ct in (("swin", (), 0), ("swin+hat", (0,), 2)):
         model = make_swin(LONG_RANGE_HOST, 2, stages, ct, 0)
-        r = train_eval(model, lr_train, lr_test, lr_epochs, 0, lr=1e-3, batch=32, aug=False, prepare=lambda x: x)
-        r.update(params=count_params(model), img_per_s=round(throughput(model), 1))
-        long_range[name] = r
-        log(f"[long-range] {name}: test acc {r['top1']:.1f}  loss {r['epoch_loss']}")
-    results["long_range"] = {"setup": {"host": {k: list(v) if isinstance(v, tuple) else v
-                                                for k, v in LONG_RANGE_HOST.items()},
-                                       "train": n_train, "test": n_test, "epochs": lr_epochs, "patterns": 2,
-                                       "chance": 50.0}, **long_range}
-
-    # part 4: cost against input size
-    sizes = (224, 384) if quick else (224, 384, 512, 768, 1024)
-    results["cost"] = cost_table(sizes, repeats=1 if quick else 3)
-    for row in results["cost"]:
-        log(f"[cost] {row}")
-
-    results["total_seconds"] = round(time.perf_counter() - started, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
-    log(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['total_seconds']} s)")
-    return results
+        r = train_eval(model, train, test, epochs, 0, aug=False, prepare=lambda x: x, **LONG_RANGE_RECIPE)
+        part[name] = {**r, "params": count_params(model)}
+        log(f"[long-range] {name}: test acc {r['top1']:.1f}  loss {[round(v, 4) for v in r['epoch_loss']]}")
+    return part
 
 
 def markdown(r: dict[str, Any]) -> str:
-    """The results as markdown tables."""
-    s = r["setup"]
-    lines = [
-        "# HAT as a plug-in: small-scale check",
-        "",
-        f"Host: timm SwinTransformer {s['host']}, HAT in stages {s['hat_stages']}; {s['epochs']} epochs, seeds "
-        f"{s['seeds']}, {s['train_images']} train / {s['val_images']} val images, 1 CPU thread. "
-        "Small-scale numbers: the paper's ImageNet-1K deltas are not reproduced here.",
-        "",
-        "## tiny-imagenet-10 (64 px), same budget",
-        "",
-        "| model | params | top-1 per seed | top-1 mean ± std | img/s (batch 32) |",
-        "|---|---:|---|---:|---:|",
-    ]
-    for name, p in r["imagenet10"].items():
-        t = p["top1_summary"]
-        lines.append(f"| {name} | {p['params'] / 1e6:.2f} M | {', '.join(f'{v:.1f}' for v in p['top1'])} | "
-                     f"{t['mean']:.1f} ± {t['std']:.1f} | {p['img_per_s']:.0f} |")
-    lr = r["long_range"]
-    lines += ["", "## Long-range task (two corner patterns, match or not; chance 50 %)", "",
-              f"One-stage Swin {lr['setup']['host']}, {lr['setup']['train']} train / {lr['setup']['test']} test "
-              f"images, {lr['setup']['epochs']} epochs.", "",
-              "| model | params | test acc | final train loss | img/s |", "|---|---:|---:|---:|---:|"]
-    for name in ("swin", "swin+hat"):
-        p = lr[name]
-        lines.append(f"| {name} | {p['params'] / 1e6:.3f} M | {p['top1']:.1f} | {p['epoch_loss'][-1]:.3f} | "
-                     f"{p['img_per_s']:.0f} |")
-    lines += ["", "## Carrier size (seed 0; ct 0 = host)", "",
-              "| ct | params | top-1 | img/s |", "|---:|---:|---:|---:|"]
-    for a in r["carrier_ablation"]:
-        lines.append(f"| {a['carrier_size']} | {a['params'] / 1e6:.2f} M | {a['top1']:.1f} | {a['img_per_s']:.0f} |")
-    lines += ["", "## Cost of one block (C=128, stride 16, batch 1): ms per forward / attention GMACs", "",
-              "| input | map | window (ws 7) | HAT (ws 7, ct 2) | global |", "|---:|---:|---:|---:|---:|"]
-    for c in r["cost"]:
-        cells = [f"{c[f'{k}_ms']:.1f} / {c[f'{k}_attn_gmacs']:.3f}" for k in ("window", "hat", "global")]
-        lines.append(f"| {c['input']} | {c['map']}x{c['map']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Total run time: {r['total_seconds']:.0f} s.", ""]
+    """The results as markdown tables (parts not yet computed are left out)."""
+    s, speed = r["setup"], r.get("speed", {})
+    lines = ["# HAT as a plug-in: small-scale check", "",
+             "1 CPU thread, fixed seeds. Small-scale numbers: the paper's ImageNet-1K deltas are not reproduced here."]
+    if "imagenet10" in r:
+        d, ips = r["imagenet10"]["data"], speed.get("imagenet10", {})
+        lines += ["", "## tiny-imagenet-10 (64 px), same budget", "",
+                  f"Host: timm SwinTransformer {s['host']}; HAT (ct 2) in stages {s['hat_stages']}; {s['epochs']} "
+                  f"epochs, seeds {s['seeds']}, {d['train_images']} train / {d['val_images']} val images.", "",
+                  "| model | params | top-1 per seed | top-1 mean ± std | img/s (batch 32) |",
+                  "|---|---:|---|---:|---:|"]
+        for name, key in (("swin", "ct0"), ("swin+hat", "ct2")):
+            p, t = r["imagenet10"][name], r["imagenet10"][name]["top1_summary"]
+            lines.append(f"| {name} | {p['params'] / 1e6:.2f} M | {', '.join(f'{v:.1f}' for v in p['top1'])} | "
+                         f"{t['mean']:.1f} ± {t['std']:.1f} | {ips.get(key, float('nan')):.0f} |")
+        lines += ["", "## Carrier size (seed 0; ct 0 = host)", "", "| ct | params | top-1 | img/s |",
+                  "|---:|---:|---:|---:|"]
+        for a in r["carrier_ablation"]:
+            speed_ct = ips.get("ct{}".format(a["carrier_size"]), float("nan"))
+            lines.append(f"| {a['carrier_size']} | {a['params'] / 1e6:.2f} M | {a['top1']:.1f} | {speed_ct:.0f} |")
+    if "long_range" in r:
+        lr, ips = r["long_range"], speed.get("long_range", {})
+        lines += ["", "## Long-range task (two corner patterns, match or not; chance 50 %)", "",
+                  f"One-stage Swin {lr['setup']['host']}, HAT (ct 2) in stage 0; {lr['setup']['train']} train / "
+                  f"{lr['setup']['test']} test images, {lr['setup']['epochs']} epochs.", "",
+                  "| model | params | test acc | final train loss | img/s |", "|---|---:|---:|---:|---:|"]
+        for name in ("swin", "swin+hat"):
+            p = lr[name]
+            lines.append(f"| {name} | {p['params'] / 1e6:.3f} M | {p['top1']:.1f} | {p['epoch_loss'][-1]:.3f} | "
+                         f"{ips.get(name, float('nan')):.0f} |")
+    if "cost" in r:
+        lines += ["", "## Cost of one block (C=128, stride 16, batch 1): ms per forward / attention GMACs", "",
+                  "| input | map | window (ws 7) | HAT (ws 7, ct 2) | global |", "|---:|---:|---:|---:|---:|"]
+        for c in r["cost"]:
+            cells = [f"{c[f'{k}_ms']:.1f} / {c[f'{k}_attn_gmacs']:.3f}" for k in ("window", "hat", "global")]
+            lines.append(f"| {c['input']} | {c['map']}x{c['map']} | " + " | ".join(cells) + " |")
+    if speed:
+        lines += ["", f"Speed: {speed['protocol']}."]
+    lines += ["", f"Compute time (s): {r.get('seconds', {})}.", ""]
     return "\n".join(lines)
 
 
@@ -380,8 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/hat_plugin"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="about one minute smoke run (tiny subsets)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} to (re)compute into an existing "
+                        "results.json (default: all)")
     args = parser.parse_args(argv)
-    run(args.out, quick=args.quick, log=lambda m: print(m, flush=True))
+    parts = [p for p in args.parts.split(",") if p]
+    try:
+        run(args.out, quick=args.quick, parts=parts, log=lambda m: print(m, flush=True))
+    except ValueError as err:
+        parser.error(str(err))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -101,6 +102,21 @@ def _far_window_gradient(stage: torch.nn.Module) -> float:
     x = torch.randn(1, 16, 16, stage.dim, requires_grad=True)
     stage(x)[:, :4, :4].sum().backward()
     return x.grad[:, 8:, 8:].abs().sum().item()
+
+
+@pytest.mark.parametrize("h, w, ws, ct", [(16, 16, 4, 2), (14, 9, 4, 3), (8, 20, 7, 1)])
+def test_carrier_grid_matches_window_grid(h, w, ws, ct):
+    from open_fastervit.layers import WindowGrid
+    from open_fastervit.plugins.hat_swin import CarrierGrid
+
+    ours, ref = CarrierGrid(h, w, (ws, ws), ct), WindowGrid(h, w, ws, ct)
+    assert (ours.nh, ours.nw, ours.carrier_grid) == (ref.nh, ref.nw, ref.carrier_grid)
+    for a, b in zip(ours.carrier_pool_matrices(torch.device("cpu"), torch.float32),
+                    ref.carrier_pool_matrices(torch.device("cpu"), torch.float32)):
+        torch.testing.assert_close(a, b)
+    t = torch.randn(2, ref.num_windows * ct * ct, 3)
+    torch.testing.assert_close(ours.carriers_to_raster(t), ref.carriers_to_raster(t))
+    torch.testing.assert_close(ours.raster_to_carriers(ours.carriers_to_raster(t)), t)
 
 
 def test_carriers_reach_across_windows():
@@ -209,13 +225,34 @@ def test_readme_own_network_example():
     assert isinstance(net.hat, HierarchicalAttention) and net.hat.uses_carriers(28, 28)
 
 
+def _experiment():
+    spec = importlib.util.spec_from_file_location("hat_plugin", REPO / "experiments" / "hat_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_experiment_quick(tmp_path):
     script = REPO / "experiments" / "hat_plugin.py"
     subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], check=True, cwd=REPO,
-                   timeout=300, capture_output=True)
+                   timeout=600, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {"setup", "imagenet10", "long_range", "carrier_ablation", "cost", "total_seconds"} <= set(results)
-    assert {"swin", "swin+hat"} <= set(results["imagenet10"]) and {"swin", "swin+hat"} <= set(results["long_range"])
+    assert {"setup", "imagenet10", "carrier_ablation", "long_range", "speed", "cost", "seconds"} <= set(results)
+    assert {"swin", "swin+hat", "data"} <= set(results["imagenet10"])
+    assert {"swin", "swin+hat", "setup"} <= set(results["long_range"])
+    assert {"top1", "epoch_loss", "params"} <= set(results["long_range"]["swin+hat"])
     assert [a["carrier_size"] for a in results["carrier_ablation"]] == [0, 1, 2, 3]
+    assert set(results["speed"]["imagenet10"]) == {"ct0", "ct1", "ct2", "ct3"}
     assert {"input", "window_ms", "hat_ms", "global_ms", "global_attn_gmacs"} <= set(results["cost"][0])
     assert (tmp_path / "results.md").read_text().startswith("# HAT as a plug-in")
+
+
+def test_experiment_arguments(tmp_path):
+    hp = _experiment()
+    with pytest.raises(ValueError, match="unknown parts"):
+        hp.run(tmp_path, quick=True, parts=["bogus"])
+    with pytest.raises(ValueError, match="does not exist"):
+        hp.run(tmp_path, quick=True, parts=["cost"])
+    # attention multiply-adds: one window covering the map equals global; carriers add their share
+    assert hp.attention_macs(14, 14, 8, None) == hp.attention_macs(14, 14, 8, 14)
+    assert hp.attention_macs(14, 14, 8, 7, 2) == 4 * 2 * 53**2 * 8 + 2 * 16**2 * 8

@@ -116,7 +116,7 @@ class CarrierGrid:
 
 
 class CarrierAttention(nn.Module):
-    """Global attention among the carrier tokens of an image (paper Eq. 7-8), the first step of a HAT block.
+    """Global attention among the carrier tokens of an image (paper Sec. 3.3), the first step of a HAT block.
 
     ``t: (B, nW*ct*ct, C)`` window-major -> same. In raster order over the carrier grid:
     ``t = t + pos``, ``t = t + MHSA(LN(t))`` (continuous relative position bias), ``t = t + MLP(LN(t))``.
