@@ -82,10 +82,11 @@ class ContinuousRelPosBias(nn.Module):
     For window attention over a padded map it also folds in the key mask of the padded positions.
 
     The bias is constant for given weights and geometry, so in inference (eval mode, no autograd, not tracing) it
-    is cached per geometry, device, dtype and autocast state. A cached value is used only while the MLP's weights
-    are *equal* to the ones it was computed from (compared element by element, a few thousand numbers), so no
-    route of changing the weights (``.data`` edits, re-assigned or swapped parameters, ``load_state_dict``,
-    EMA/averaging updates) can leave it stale.
+    is cached per geometry, device, dtype and autocast state. In a trainable model a cached value is used only while
+    the MLP's weights are *equal* to the ones it was computed from (compared element by element, a few thousand
+    numbers), so no route of changing the weights (``.data`` edits, re-assigned or swapped parameters,
+    ``load_state_dict``, EMA/averaging updates) can leave it stale. In the inference snapshot (weights held as
+    buffers, out of reach of parameter updates) the check is identity and version counter, which is cheaper.
     """
 
     max_cached = 64  # geometries kept at once (many input sizes in one process: memory stays bounded)
@@ -107,14 +108,14 @@ class ContinuousRelPosBias(nn.Module):
         device = weight.device.type
         amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         key = (h, w, num_prefix, grid, weight.device, weight.dtype, amp)
-        params = tuple(t.detach() for t in (*self.parameters(), *self.buffers()))
+        tensors = (self.mlp[0].weight, self.mlp[0].bias, self.mlp[2].weight)
         hit = self._cache.get(key)
-        if hit is not None and _same(hit[0], params):
+        if hit is not None and _still_valid(hit[0], tensors):
             return hit[1]
         if len(self._cache) >= self.max_cached:
             self._cache.clear()
         value = self.compute(h, w, num_prefix, grid)
-        self._cache[key] = (tuple(p.clone() for p in params), value)
+        self._cache[key] = (_stamp(tensors), value)
         return value
 
     def compute(self, h: int, w: int, num_prefix: int = 0, grid: WindowGrid | None = None) -> Tensor:
@@ -137,8 +138,21 @@ class ContinuousRelPosBias(nn.Module):
         return {**self.__dict__, "_cache": {}}
 
 
-def _same(saved: tuple[Tensor, ...], current: tuple[Tensor, ...]) -> bool:
-    return len(saved) == len(current) and all(
+def _stamp(tensors: tuple[Tensor, ...]) -> tuple:
+    """What a cached bias was computed from. Parameters (a trainable model): a copy of their values, since
+    ``.data`` edits and swaps bypass version counters. Buffers only (the inference snapshot, ``layers.fused.freeze``,
+    whose parameters no update can reach): the tensors themselves (held) and their version counters, which every
+    remaining route (``load_state_dict``, in-place ops on ``state_dict()`` tensors) bumps."""
+    if any(isinstance(t, nn.Parameter) for t in tensors):
+        return ("values", tuple(t.detach().clone() for t in tensors))
+    return ("versions", tensors, tuple(t._version for t in tensors))
+
+
+def _still_valid(stamp: tuple, tensors: tuple[Tensor, ...]) -> bool:
+    if stamp[0] == "versions":
+        return (all(a is b for a, b in zip(stamp[1], tensors))
+                and stamp[2] == tuple(t._version for t in tensors))
+    return all(
         a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-        for a, b in zip(saved, current)
+        for a, b in zip(stamp[1], tensors)
     )
