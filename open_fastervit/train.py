@@ -675,7 +675,11 @@ class _Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            unused = _unused_parameters(model, self.data_cfg["input_size"], self.device)
+            size = self.data_cfg["input_size"]
+            if hasattr(model, "unused_parameters"):  # FasterViT: from the window geometry, no probe pass
+                unused = model.unused_parameters(tuple(size[-2:]))
+            else:  # any other timm model: one eval-mode backward pass tells
+                unused = _unused_parameters(model, size, self.device)
             if unused:
                 _log(self.info, f"{len(unused)} parameter tensors get no gradient at input size "
                                 f"{tuple(self.data_cfg['input_size'])} (e.g. {unused[0]}); DDP will skip them")
