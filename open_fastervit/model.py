@@ -30,7 +30,7 @@ from .layers import ConvBlock, Downsample, HatBlock, HierarchicalAttention, Stem
 from .layers.conv import TwoConvBN
 from .layers.fused import FusedConv2d, FusedLinear, freeze
 
-__all__ = ["FasterViT", "MIN_INPUT_SIZE", "ConvStage", "HatStage"]
+__all__ = ["FasterViT", "MIN_INPUT_SIZE", "ConvStage", "HatStage", "fuse_in_place"]
 
 MIN_INPUT_SIZE = 32
 
@@ -237,15 +237,7 @@ class FasterViT(nn.Module):
         a trainable model and fuse a copy of it again. Outputs equal the unfused model's up to fp32 rounding; it runs
         on any device, and under autograd (input gradients), tracing, export or compile it takes plain ops.
         """
-        for m in list(self.modules()):
-            if m is not self and isinstance(m, (TwoConvBN, Downsample, HatBlock)):
-                m.fuse()
-        for m in self.modules():
-            if isinstance(m, (FusedConv2d, FusedLinear)):
-                m.use_packed = pack
-                if not pack:
-                    m._packed.clear()
-        freeze(self)
+        fuse_in_place(self, pack)
         return self
 
     def unused_parameters(self, input_size: tuple[int, int]) -> list[str]:
@@ -375,6 +367,20 @@ class FasterViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def fuse_in_place(module: nn.Module, pack: bool = True) -> None:
+    """The inference form of every FasterViT layer inside ``module`` (see ``FasterViT.fuse``), in place; the
+    module's parameters become buffers (a snapshot)."""
+    for m in list(module.modules()):
+        if m is not module and isinstance(m, (TwoConvBN, Downsample, HatBlock)):
+            m.fuse()
+    for m in module.modules():
+        if isinstance(m, (FusedConv2d, FusedLinear)):
+            m.use_packed = pack
+            if not pack:
+                m._packed.clear()
+    freeze(module)
 
 
 def _take_indices(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
