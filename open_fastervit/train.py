@@ -43,7 +43,6 @@ from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoi
 from .data import (
     DatasetError,
     LoaderOptions,
-    SkipUnreadable,
     build_eval_loader,
     build_train_loader,
     class_names,
@@ -55,7 +54,7 @@ from .data import (
 from .distributed import DistInfo, average_bn_stats, cleanup, init_distributed, rank_divergence, reduce_sums
 from .mesa import MesaLoss
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "run_training", "train"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -338,29 +337,35 @@ def cpu_threads(cfg: TrainConfig) -> int:
     return max(1, per_process - cfg.workers)
 
 
-def fused_optimizer_kwargs(model: nn.Module, opt: str) -> dict[str, Any]:
+def fused_optimizer_kwargs(model: nn.Module | list[torch.Tensor], opt: str) -> dict[str, Any]:
     """``{"fused": True}`` for torch's Adam/AdamW when every parameter is a float tensor on CPU or CUDA, where torch
     has a fused kernel (one kernel for all tensors instead of a loop over them); else ``{}``."""
     if opt.lower() not in ("adam", "adamw"):
         return {}
-    params = list(model.parameters())
+    params = list(model) if isinstance(model, list) else list(model.parameters())
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if params and ok else {}
 
 
-def create_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module | list[dict[str, Any]], cfg: Any, lr: float) -> torch.optim.Optimizer:
     """timm optimizer (AdamW, LAMB, ...) without weight decay on biases, norms and ``no_weight_decay()``
     parameters (layer scales), with layer-wise lr decay through the model's ``group_matcher`` if asked;
-    Adam/AdamW use torch's fused kernel where it exists."""
+    Adam/AdamW use torch's fused kernel where it exists.
+
+    ``model`` may also be a list of parameter groups (``{"params", "weight_decay", "lr_scale"}`` dicts, e.g. a
+    detector's groups), used as given: weight decay and layer decay are then the groups' own."""
     from timm.optim import create_optimizer_v2
 
-    extra: dict[str, Any] = fused_optimizer_kwargs(model, cfg.opt)
+    groups = isinstance(model, list)
+    params = [p for group in model for p in group["params"]] if groups else list(model.parameters())
+    extra: dict[str, Any] = fused_optimizer_kwargs(params, cfg.opt)
     if cfg.opt_betas:
         extra["betas"] = tuple(cfg.opt_betas)
     if cfg.opt_eps is not None:
         extra["eps"] = cfg.opt_eps
     return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                               filter_bias_and_bn=True, layer_decay=cfg.layer_decay, **extra)
+                               filter_bias_and_bn=not groups, layer_decay=None if groups else cfg.layer_decay,
+                               **extra)
 
 
 def create_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> tuple[Any, int]:
@@ -522,8 +527,10 @@ def write_summary_csv(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, write)
 
 
-def plot_curves(history: list[dict[str, Any]], curve: list[list[float]], steps_per_epoch: int, path: Path) -> None:
-    """PNG of the training curves with matplotlib's Agg backend: loss, top-1 and lr against epochs.
+def plot_curves(history: list[dict[str, Any]], curve: list[list[float]], steps_per_epoch: int, path: Path,
+                metric: str = "top1", metric_title: str = "top-1 (%)") -> None:
+    """PNG of the training curves with matplotlib's Agg backend: loss, the validation ``metric`` (raw and EMA)
+    and lr against epochs.
 
     Train loss and lr are drawn per logging interval (``curve``), validation metrics per epoch.
     """
@@ -538,13 +545,14 @@ def plot_curves(history: list[dict[str, Any]], curve: list[list[float]], steps_p
         epochs = [step / max(steps_per_epoch, 1) for step in steps]
         loss_axis.plot(epochs, losses, label="train loss", linewidth=1)
         lr_axis.plot(epochs, lrs, label="lr", linewidth=1)
+    name = metric_title.split(" (")[0]
     series = [(loss_axis, "loss", "val loss"), (loss_axis, "ema_loss", "EMA val loss"),
-              (top1_axis, "top1", "top-1"), (top1_axis, "ema_top1", "EMA top-1")]
+              (top1_axis, metric, name), (top1_axis, f"ema_{metric}", f"EMA {name}")]
     for axis, key, label in series:
         points = [(row["epoch"], row[key]) for row in history if key in row]
         if points:
             axis.plot(*zip(*points), marker="o", markersize=3, label=label)
-    for axis, title in ((loss_axis, "loss"), (top1_axis, "top-1 (%)"), (lr_axis, "learning rate")):
+    for axis, title in ((loss_axis, "loss"), (top1_axis, metric_title), (lr_axis, "learning rate")):
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
@@ -574,8 +582,21 @@ class _Progress:
     curve: list = field(default_factory=list)  # [global_step, train loss, lr] every log_interval steps
 
 
-class _Trainer:
-    """One training run: built from a config, then ``fit()``."""
+class Trainer:
+    """One training run: built from a config, then ``fit()``.
+
+    The machinery (DDP, AMP, optimizer and lr schedule, EMA, gradient accumulation and clipping, exact resume with
+    atomic checkpoints, NaN detection, progress bar, TensorBoard, CSV, curves and results.json) is shared by every
+    task; a task changes only the hooks: ``_setup_data_and_model`` (datasets, loaders, model, ``class_names``),
+    ``_to_device`` (a batch), ``_forward_loss``, ``evaluate`` (a dict holding ``metric``), ``_describe_metrics``,
+    ``_weights_metadata``, ``_optimizer_params`` and ``_ddp_unused``. This class is image classification; detection
+    and segmentation subclass it (``open_fastervit.detection.train``, ``open_fastervit.segmentation.train``).
+    """
+
+    #: The validation metric (higher is better) that selects best.safetensors and names the result keys.
+    metric = "top1"
+    #: How the metric is shown (plots and logs).
+    metric_title = "top-1 (%)"
 
     def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
         self.cfg, self.info, self.device = cfg, info, info.device
@@ -583,6 +604,7 @@ class _Trainer:
         self.started = time.perf_counter()
         self.auto_reasons: dict[str, str] = {}  # {field: why} for the settings chosen at start
         self.progress = _Progress()
+        self.class_names: list[str] | None = None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=info.device)  # any NaN/inf loss unchecked
         self._setup_determinism()
         self._setup_data_and_model()
@@ -621,6 +643,7 @@ class _Trainer:
         model, self.reinitialised = _create_model(cfg, self.num_classes)
         if self.reinitialised:
             _log(info, f"classifier {', '.join(self.reinitialised)} re-initialised for {self.num_classes} classes")
+        self.class_names = class_names(self.train_set)
         train_tf, eval_tf, self.data_cfg = _transforms(cfg, model)
         _check_sample(self.train_set, train_tf, self.data_cfg["input_size"][0])
         self._build_loaders(train_tf, eval_tf)
@@ -668,6 +691,13 @@ class _Trainer:
             model.set_grad_checkpointing(True)
         return model
 
+    def _ddp_unused(self, model: nn.Module) -> list[str]:
+        """Parameters that get no gradient (DDP must be told): from FasterViT's geometry, else a probe pass."""
+        size = self.data_cfg["input_size"]
+        if hasattr(model, "unused_parameters"):  # FasterViT: from the window geometry, no probe pass
+            return model.unused_parameters(tuple(size[-2:]))
+        return _unused_parameters(model, size, self.device)  # any other timm model: one eval-mode backward pass
+
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         """DDP and/or torch.compile around the model (EMA, eval and checkpoints use the bare model)."""
         wrapped = model
@@ -675,14 +705,10 @@ class _Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            size = self.data_cfg["input_size"]
-            if hasattr(model, "unused_parameters"):  # FasterViT: from the window geometry, no probe pass
-                unused = model.unused_parameters(tuple(size[-2:]))
-            else:  # any other timm model: one eval-mode backward pass tells
-                unused = _unused_parameters(model, size, self.device)
+            unused = self._ddp_unused(model)
             if unused:
-                _log(self.info, f"{len(unused)} parameter tensors get no gradient at input size "
-                                f"{tuple(self.data_cfg['input_size'])} (e.g. {unused[0]}); DDP will skip them")
+                _log(self.info, f"{len(unused)} parameter tensors may get no gradient (e.g. {unused[0]}); "
+                                "DDP will skip them")
             wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(unused))
         if self.cfg.compile:
             wrapped = torch.compile(wrapped)
@@ -692,18 +718,30 @@ class _Trainer:
         cfg, info = self.cfg, self.info
         self.global_batch = global_batch(cfg, info.world_size)
         self.lr = effective_lr(cfg, info.world_size)
-        self.optimizer = create_optimizer(self.model, cfg, self.lr)
+        self.optimizer = create_optimizer(self._optimizer_params(), cfg, self.lr)
         self.scheduler, self.num_epochs = create_schedule(self.optimizer, cfg, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self._setup_criterion()
+        _log(info, self._describe_run())
+
+    def _optimizer_params(self) -> nn.Module | list[dict[str, Any]]:
+        """What the optimizer gets: the model (timm's grouping and layer decay) or explicit parameter groups."""
+        return self.model
+
+    def _setup_criterion(self) -> None:
+        cfg = self.cfg
         self.mixup = self._mixup()
         self.criterion = MesaLoss(self._task_loss(), cfg.mesa)
         self.mesa_start_epoch = int(cfg.mesa_start * self.num_epochs) if cfg.mesa > 0 else None
-        _log(info, f"training {cfg.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
-                   f"{self.num_classes} classes) on {describe_data(cfg.data)}: {info.world_size} process(es) x "
-                   f"batch {cfg.batch_size} x accum {cfg.accum_steps} = global batch {self.global_batch}, "
-                   f"lr {self.lr:.3g}, {self.steps_per_epoch} steps/epoch, {self.num_epochs} epochs, "
-                   f"input {tuple(self.data_cfg['input_size'])}, device {self.device}"
-                   + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""))
+
+    def _describe_run(self) -> str:
+        cfg, info = self.cfg, self.info
+        return (f"training {cfg.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+                f"{self.num_classes} classes) on {describe_data(cfg.data)}: {info.world_size} process(es) x "
+                f"batch {cfg.batch_size} x accum {cfg.accum_steps} = global batch {self.global_batch}, "
+                f"lr {self.lr:.3g}, {self.steps_per_epoch} steps/epoch, {self.num_epochs} epochs, "
+                f"input {tuple(self.data_cfg['input_size'])}, device {self.device}"
+                + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""))
 
     def _mixup(self) -> Any:
         cfg = self.cfg
@@ -745,7 +783,7 @@ class _Trainer:
             "global_batch": self.global_batch,
             "world_size": self.info.world_size,
             "config": asdict(self.cfg),
-            "class_names": class_names(self.train_set),
+            "class_names": self.class_names,
             "epoch": p.epoch,
         }
 
@@ -772,18 +810,22 @@ class _Trainer:
 
         path = self.out / name
         if self.info.is_primary:
-            meta: dict[str, Any] = {"epoch": str(self.progress.epoch), "architecture": self.cfg.model}
+            meta: dict[str, Any] = {"epoch": str(self.progress.epoch), **self._weights_metadata()}
             if weights:
                 meta["selected_weights"] = weights  # "raw" or "ema"
-            if self.cfg.model_kwargs:
-                meta["model_kwargs"] = dict(self.cfg.model_kwargs)
-            if self.cfg.img_size:
-                meta["img_size"] = str(self.cfg.img_size)
-            names = class_names(self.train_set)
-            if names:
-                meta["class_names"] = list(names)
+            if self.class_names:
+                meta["class_names"] = list(self.class_names)
             save_weights(model, path, metadata=meta)
         return str(path)
+
+    def _weights_metadata(self) -> dict[str, Any]:
+        """What a weights file records besides the weights, so that the loader rebuilds the model."""
+        meta: dict[str, Any] = {"architecture": self.cfg.model}
+        if self.cfg.model_kwargs:
+            meta["model_kwargs"] = dict(self.cfg.model_kwargs)
+        if self.cfg.img_size:
+            meta["img_size"] = str(self.cfg.img_size)
+        return meta
 
     def _resume(self, source: str) -> None:
         state = load_checkpoint(source)
@@ -857,19 +899,29 @@ class _Trainer:
     def _batches(self, epoch: int) -> Any:
         """This epoch's micro-batches from the resume position, moved to the device."""
         start = self.progress.step_in_epoch * self.cfg.accum_steps
+        for batch in self.train_loader.epoch(epoch, start):
+            yield self._to_device(batch)
+
+    def _to_device(self, batch: Any) -> tuple[Any, Any]:
+        """A loader batch as ``(inputs, targets)`` on the training device."""
+        images, targets, *_ = batch
         memory = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        for images, targets, *_ in self.train_loader.epoch(epoch, start):
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory)
-            yield images, targets.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory)
+        return images, targets.to(self.device, non_blocking=True)
+
+    def _start_epoch(self, epoch: int) -> None:
+        """Per-epoch switches: mixup off from ``mixup_off_epoch``, MESA on from its start epoch."""
+        cfg = self.cfg
+        if self.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+            self.mixup.mixup_enabled = False
+        self.criterion.active = self.mesa_start_epoch is not None and epoch >= self.mesa_start_epoch
 
     def train_epoch(self, epoch: int) -> None:
         from tqdm import tqdm
 
         cfg, p = self.cfg, self.progress
         self.train_model.train()
-        if self.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
-            self.mixup.mixup_enabled = False
-        self.criterion.active = self.mesa_start_epoch is not None and epoch >= self.mesa_start_epoch
+        self._start_epoch(epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
                    unit="step", disable=not (cfg.progress and self.info.is_primary), dynamic_ncols=True, leave=True)
         running = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count since last log
@@ -917,7 +969,7 @@ class _Trainer:
             self.writer.add_scalar("train/images_per_s", images_per_s, p.global_step)
         return now, p.global_step
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Top-1/top-5/loss on the val split, each rank on its shard, reduced over ranks."""
         from .validate import evaluate
 
@@ -939,14 +991,15 @@ class _Trainer:
         if self.val_loader is not None and ((epoch + 1) % self.cfg.eval_every == 0 or last):
             row.update(self.evaluate(self.model))
             if self.ema is not None:
-                row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items() if k != "count"})
+                row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()
+                            if k != "count" and isinstance(v, (int, float))})
         row["skipped_images"] = self._skipped_count()
         kind, score = self._select(row)
         p.history.append(row)
         p.epoch, p.step_in_epoch, p.loss_sum, p.loss_count = epoch + 1, 0, 0.0, 0
         if not math.isnan(score) and score > p.best_top1:
             p.best_top1, p.best_epoch, p.best_weights = score, epoch + 1, kind
-            p.best_raw_top1, p.best_ema_top1 = row.get("top1", math.nan), row.get("ema_top1", math.nan)
+            p.best_raw_top1, p.best_ema_top1 = row.get(self.metric, math.nan), row.get(f"ema_{self.metric}", math.nan)
             self._save_weights("best.safetensors", self.ema.module if kind == "ema" else self.model,
                                weights=kind)
         self._save_weights("last.safetensors", self.model)
@@ -960,33 +1013,45 @@ class _Trainer:
         """The better of this epoch's raw and EMA weights by val top-1 (EMA on a tie): ``("raw" | "ema", score)``;
         also written into ``row`` as ``selected_weights`` / ``selected_top1``. Without a val split the latest
         weights (EMA when on) win with score ``-train_loss``; epochs without evaluation score NaN."""
-        candidates = [(name, row[key]) for name, key in (("ema", "ema_top1"), ("raw", "top1")) if key in row]
+        m = self.metric
+        candidates = [(name, row[key]) for name, key in (("ema", f"ema_{m}"), ("raw", m)) if key in row]
         candidates = [(name, top1) for name, top1 in candidates if not math.isnan(top1)]
         if candidates:
             kind, score = max(candidates, key=lambda item: item[1])  # max keeps the first (EMA) on a tie
-            row["selected_weights"], row["selected_top1"] = kind, score
+            row["selected_weights"], row[f"selected_{m}"] = kind, score
             return kind, score
         kind = "ema" if self.ema is not None else "raw"
         return kind, (-row["train_loss"] if self.val_loader is None else math.nan)
 
     def _skipped_count(self) -> int:
-        local = float(self.train_set.bad.sum()) if isinstance(self.train_set, SkipUnreadable) else 0.0
+        bad = getattr(self.train_set, "bad", None)  # SkipUnreadable and the dense datasets: a flag per image
+        local = float(bad.sum()) if isinstance(bad, torch.Tensor) else 0.0
         return int(reduce_sums([local], self.info)[0])
 
-    def _report_epoch(self, row: dict[str, Any]) -> None:
-        if not self.info.is_primary:
-            return
-        parts = [f"epoch {row['epoch']}/{self.num_epochs}: train loss {row['train_loss']:.4f}"]
+    def _skipped_names(self) -> list[str]:
+        skipped = getattr(self.train_set, "skipped", None)
+        return list(skipped()) if callable(skipped) else []
+
+    def _describe_metrics(self, row: dict[str, Any]) -> list[str]:
+        """Log fragments for an epoch's validation metrics."""
+        parts = []
         if "top1" in row:
             parts.append(f"top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}")
         if "ema_top1" in row:
             parts.append(f"EMA top-1 {row['ema_top1']:.2f}")
+        return parts
+
+    def _report_epoch(self, row: dict[str, Any]) -> None:
+        if not self.info.is_primary:
+            return
+        parts = [f"epoch {row['epoch']}/{self.num_epochs}: train loss {row['train_loss']:.4f}",
+                 *self._describe_metrics(row)]
         if "selected_weights" in row and self.ema is not None:
             parts.append(f"better: {row['selected_weights']}")
         parts.append(f"{row['images_per_s']:.0f} img/s")
         _log(self.info, ", ".join(parts))
         if row["skipped_images"]:
-            names = self.train_set.skipped()[:5] if isinstance(self.train_set, SkipUnreadable) else []
+            names = self._skipped_names()[:5]
             _log(self.info, f"warning: skipped {row['skipped_images']} unreadable training images, e.g. {names}")
         if self.writer is not None:
             for key, value in row.items():
@@ -1014,17 +1079,19 @@ class _Trainer:
         divergence = rank_divergence(self.model, self.info)
         curves = self.out / "curves.png"
         if self.info.is_primary:
-            plot_curves(p.history, p.curve, self.steps_per_epoch, curves)
+            plot_curves(p.history, p.curve, self.steps_per_epoch, curves, self.metric, self.metric_title)
             if self.writer is not None:
                 self.writer.close()
         final = p.history[-1] if p.history else {}
+        m = self.metric  # the progress fields named *_top1 hold this metric's scores
         result = {
-            "best_top1": p.best_top1 if math.isfinite(p.best_top1) else math.nan,
+            "metric": m,
+            f"best_{m}": p.best_top1 if math.isfinite(p.best_top1) else math.nan,
             "best_epoch": p.best_epoch,
             "best_weights": p.best_weights or None,  # "raw" or "ema": the weights in best.safetensors
-            "best_raw_top1": p.best_raw_top1,  # raw and EMA top-1 of the best epoch
-            "best_ema_top1": p.best_ema_top1,
-            "final_top1": final.get("selected_top1", math.nan),  # the better of raw and EMA in the last epoch
+            f"best_raw_{m}": p.best_raw_top1,  # raw and EMA scores of the best epoch
+            f"best_ema_{m}": p.best_ema_top1,
+            f"final_{m}": final.get(f"selected_{m}", math.nan),  # the better of raw and EMA in the last epoch
             "final_weights": final.get("selected_weights"),
             "final": final,
             "best_checkpoint": str(self.out / "best.safetensors"),
@@ -1059,13 +1126,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ``CheckpointError`` before training for bad data or arguments, ``TrainingDiverged`` on a NaN loss.
     """
     _check_config(cfg)
+    return run_training(Trainer, cfg)
+
+
+def run_training(trainer: type[Trainer], cfg: Any) -> dict[str, Any]:
+    """Run ``trainer(cfg, info).fit()`` in this process (one DDP rank under ``torchrun``): process group, CPU threads
+    and determinism set up and restored afterwards whatever happens."""
     info = init_distributed(cfg.device)
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if info.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg))
     ok = False
     try:
-        result = _Trainer(cfg, info).fit()
+        result = trainer(cfg, info).fit()
         ok = True
         return result
     finally:
