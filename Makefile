@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full lint bench clean
+.PHONY: demo test test-full lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/fastervit bench --quick
+
+# One CUDA run of at most 7.5 min (budget guard skips what would not fit): FasterViT-0..4 at batch 128 / 224 px
+# (the paper's Figure 1 setting) vs Swin-T, ConvNeXt-T and the official package when installed, plus FasterViT-2 vs
+# Swin-T vs ConvNeXt-T backbones at 800x1216 batch 2; bf16 and fp16 autocast, channels_last, torch.compile off and on.
+# Writes runs/bench_gpu/bench_gpu.{json,md}. CPU check with tiny settings:
+#   $(BIN)/python experiments/bench_gpu.py --dry-run --device cpu --out runs/gpu_dry
+bench-gpu: $(STAMP)
+	$(BIN)/python experiments/bench_gpu.py --out runs/bench_gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -426,15 +426,18 @@ def shutdown_workers(loader: DataLoader | TrainLoader | None) -> None:
 def build_train_loader(
     dataset: Dataset, transform: Callable, batch_size: int, options: LoaderOptions, *,
     world_size: int = 1, rank: int = 0, accum_steps: int = 1, seed: int = 0, indices: Sequence[int] | None = None,
+    collate_fn: Callable | None = None,
 ) -> TrainLoader:
-    """Training batches: a ``ResumableBatchSampler`` (map-style) or the reader's own sharding (iterable)."""
+    """Training batches: a ``ResumableBatchSampler`` (map-style) or the reader's own sharding (iterable).
+    ``collate_fn``: how samples form a batch (default: torch's stacking; detection keeps lists)."""
     dataset.transform = transform
     global_batch = batch_size * world_size * accum_steps
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_loader_cfg"):
             dataset.set_loader_cfg(num_workers=options.workers)
         per_rank = len(dataset) if hasattr(dataset, "__len__") else 0  # timm readers: samples of this rank
-        loader = TrainLoader(_loader(dataset, options, seed, batch_size=batch_size, drop_last=True),
+        loader = TrainLoader(_loader(dataset, options, seed, batch_size=batch_size, drop_last=True,
+                                     collate_fn=collate_fn),
                              per_rank // batch_size, accum_steps)
         size = per_rank * world_size
     else:
@@ -442,8 +445,8 @@ def build_train_loader(
             len(dataset), batch_size, world_size=world_size, rank=rank, accum_steps=accum_steps, seed=seed,
             indices=indices,
         )
-        loader = TrainLoader(_loader(dataset, options, seed, batch_sampler=sampler), sampler.batches_per_epoch,
-                             accum_steps)
+        loader = TrainLoader(_loader(dataset, options, seed, batch_sampler=sampler, collate_fn=collate_fn),
+                             sampler.batches_per_epoch, accum_steps)
         size = sampler.size
     if loader.steps_per_epoch == 0:
         raise DatasetError(f"{size} training images are fewer than one global batch of {global_batch}")
@@ -452,13 +455,13 @@ def build_train_loader(
 
 def build_eval_loader(
     dataset: Dataset, transform: Callable, batch_size: int, options: LoaderOptions, *,
-    world_size: int = 1, rank: int = 0, indices: Sequence[int] | None = None,
+    world_size: int = 1, rank: int = 0, indices: Sequence[int] | None = None, collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Evaluation loader: every image (of ``indices``, default all) exactly once across ranks, in order."""
     dataset.transform = transform
     iterable = isinstance(dataset, IterableDataset)
     sampler = None if iterable else ShardSampler(len(dataset), world_size, rank, indices)
-    return _loader(dataset, options, 0, batch_size=batch_size, sampler=sampler, drop_last=False)
+    return _loader(dataset, options, 0, batch_size=batch_size, sampler=sampler, drop_last=False, collate_fn=collate_fn)
 
 
 def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:

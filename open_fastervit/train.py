@@ -89,8 +89,11 @@ def _opt(default: Any, help_text: str) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs. Field names are the recipe keys and (with ``-``) the CLI options."""
+class RunConfig:
+    """What every training run needs, whatever the task: model, data, schedule, optimizer, EMA, speed, run.
+
+    Field names are the recipe keys and (with ``-``) the CLI options; tasks subclass it (``TrainConfig`` for
+    classification, ``DetectionConfig``, ``SegmentationConfig``) with their own fields and defaults."""
 
     # model
     model: str = _opt("fastervit_0", "timm model name")
@@ -98,15 +101,11 @@ class TrainConfig:
     num_classes: int | None = _opt(None, "classifier size; default: the number of classes in the train split")
     drop_path: float | None = _opt(None, "stochastic depth rate; default: the architecture's")
     pretrained: str | None = _opt(None, "fine-tune from own weights: .safetensors or a training checkpoint")
-    official_checkpoint: str | None = _opt(None, "fine-tune from an official .pth.tar checkpoint")
     # data
     data: str = _opt("", "ImageFolder root with train/ and val/, an image .tar, or a timm spec (hfds/..., wds/...)")
-    data_dir: str | None = _opt(None, "root folder for timm dataset specs")
     train_split: str = _opt("train", "training split")
     val_split: str = _opt("val", "validation split ('' to skip evaluation)")
-    img_size: int | None = _opt(None, "square input size; default: the model's pretrained cfg input size")
     train_images: int = _opt(0, "train on a fixed random subset of this many images (0: all)")
-    val_images: int = _opt(0, "evaluate on a fixed random subset of this many images (0: all)")
     workers: int = _opt(2, "data-loading processes per training process")
     # schedule
     epochs: int = _opt(300, "cosine schedule length in epochs (warmup included)")
@@ -120,7 +119,9 @@ class TrainConfig:
     lr_base_size: int = _opt(4096, "global batch of lr_base")
     min_lr: float = _opt(5e-6, "final learning rate of the cosine")
     warmup_lr: float = _opt(1e-6, "learning rate at the start of warmup")
-    sched: str = _opt("cosine", "timm scheduler name, stepped every optimizer step")
+    sched: str = _opt("cosine", "timm scheduler name, stepped every optimizer step (cosine, poly, multistep, ...)")
+    decay_milestones: list | None = _opt(None, "multistep: epochs at which the lr is multiplied by decay_rate")
+    decay_rate: float = _opt(0.1, "multistep: lr factor at each milestone")
     # optimizer
     opt: str = _opt("adamw", "timm optimizer name (adamw, lamb, sgd, ...)")
     weight_decay: float = _opt(0.05, "weight decay (not applied to biases, norms, layer scales)")
@@ -130,36 +131,12 @@ class TrainConfig:
     clip_grad: float | None = _opt(5.0, "gradient clipping value (None: off)")
     clip_mode: str = _opt("norm", "gradient clipping mode: norm, value or agc")
     layer_decay: float | None = _opt(None, "layer-wise lr decay for fine-tuning, e.g. 0.8")
-    # augmentation and regularisation
-    smoothing: float = _opt(0.1, "label smoothing")
-    mixup: float | None = _opt(None, "mixup alpha (0: off); default: auto, 0.8 for large long runs, else 0 "
-                                     "(see aa)")
-    cutmix: float | None = _opt(None, "cutmix alpha (0: off); default: auto, 1.0 for large long runs, else 0 "
-                                      "(see aa)")
-    mixup_prob: float = _opt(1.0, "probability of applying mixup or cutmix to a batch")
-    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup")
-    mixup_off_epoch: int = _opt(0, "turn mixup/cutmix off from this epoch (0: never)")
-    aa: str | None = _opt("auto", "timm auto-augment spec (RandAugment); None or '': off; default: auto, "
-                                  f"{PAPER_AUGMENTATION['aa']} when the train split has >= {FULL_AUG_MIN_IMAGES} "
-                                  f"images and epochs >= {FULL_AUG_MIN_EPOCHS}, else off")
-    reprob: float | None = _opt(None, "random erasing probability; default: auto, 0.25 for large long runs, "
-                                      "else 0 (see aa)")
-    remode: str = _opt("pixel", "random erasing mode")
-    recount: int = _opt(1, "random erasing count")
-    scale: list = _opt([0.08, 1.0], "RandomResizedCrop scale range")
-    ratio: list = _opt([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
-    hflip: float = _opt(0.5, "horizontal flip probability")
-    color_jitter: float = _opt(0.4, "color jitter (used when aa is off)")
-    train_interpolation: str = _opt("random", "train resize interpolation ('' : the model's)")
-    augment: bool = _opt(True, "training augmentation (off: resize + center crop only, as for evaluation)")
-    # EMA and MESA
+    # EMA
     model_ema: bool = _opt(True, "keep an EMA of the weights (best.safetensors: the better of raw and EMA)")
     ema_decay: float | None = _opt(None, "EMA decay per optimizer step; default: auto, an EMA horizon "
                                          f"1/(1-decay) of {EMA_HORIZON_FRACTION:.0%} of the optimizer steps, "
                                          f"at most {EMA_MAX_DECAY}")
     ema_warmup: bool = _opt(False, "EMA decay warmup (timm ModelEmaV3)")
-    mesa: float = _opt(0.0, "MESA self-distillation coefficient (0: off; needs model_ema)")
-    mesa_start: float = _opt(0.25, "fraction of training after which MESA starts")
     # speed
     amp: str = _opt("none", "mixed precision: none, bf16 or fp16 (with a grad scaler)")
     channels_last: bool = _opt(False, "channels_last memory format")
@@ -185,6 +162,44 @@ class TrainConfig:
         return self.epochs + self.cooldown_epochs
 
 
+@dataclass
+class TrainConfig(RunConfig):
+    """Image classification: the shared fields plus data, augmentation and distillation settings of the paper's
+    ImageNet recipe."""
+
+    # model
+    official_checkpoint: str | None = _opt(None, "fine-tune from an official .pth.tar checkpoint")
+    # data
+    data_dir: str | None = _opt(None, "root folder for timm dataset specs")
+    img_size: int | None = _opt(None, "square input size; default: the model's pretrained cfg input size")
+    val_images: int = _opt(0, "evaluate on a fixed random subset of this many images (0: all)")
+    # augmentation and regularisation
+    smoothing: float = _opt(0.1, "label smoothing")
+    mixup: float | None = _opt(None, "mixup alpha (0: off); default: auto, 0.8 for large long runs, else 0 "
+                                     "(see aa)")
+    cutmix: float | None = _opt(None, "cutmix alpha (0: off); default: auto, 1.0 for large long runs, else 0 "
+                                      "(see aa)")
+    mixup_prob: float = _opt(1.0, "probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup")
+    mixup_off_epoch: int = _opt(0, "turn mixup/cutmix off from this epoch (0: never)")
+    aa: str | None = _opt("auto", "timm auto-augment spec (RandAugment); None or '': off; default: auto, "
+                                  f"{PAPER_AUGMENTATION['aa']} when the train split has >= {FULL_AUG_MIN_IMAGES} "
+                                  f"images and epochs >= {FULL_AUG_MIN_EPOCHS}, else off")
+    reprob: float | None = _opt(None, "random erasing probability; default: auto, 0.25 for large long runs, "
+                                      "else 0 (see aa)")
+    remode: str = _opt("pixel", "random erasing mode")
+    recount: int = _opt(1, "random erasing count")
+    scale: list = _opt([0.08, 1.0], "RandomResizedCrop scale range")
+    ratio: list = _opt([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
+    hflip: float = _opt(0.5, "horizontal flip probability")
+    color_jitter: float = _opt(0.4, "color jitter (used when aa is off)")
+    train_interpolation: str = _opt("random", "train resize interpolation ('' : the model's)")
+    augment: bool = _opt(True, "training augmentation (off: resize + center crop only, as for evaluation)")
+    # MESA
+    mesa: float = _opt(0.0, "MESA self-distillation coefficient (0: off; needs model_ema)")
+    mesa_start: float = _opt(0.25, "fraction of training after which MESA starts")
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
@@ -192,7 +207,7 @@ class TrainingDiverged(FloatingPointError):
 # ---- set-up ---------------------------------------------------------------------------------------------------
 
 
-def _check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: RunConfig) -> None:
     """Errors for arguments that cannot work, before anything is built (unset auto fields pass).
 
     Raises:
@@ -202,8 +217,8 @@ def _check_config(cfg: TrainConfig) -> None:
                 "lr_base_size": cfg.lr_base_size, "log_interval": cfg.log_interval, "eval_every": cfg.eval_every}
     bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
     non_negative = {"workers": cfg.workers, "warmup_epochs": cfg.warmup_epochs, "cooldown_epochs": cfg.cooldown_epochs,
-                    "checkpoint_steps": cfg.checkpoint_steps, "mesa": cfg.mesa, "train_images": cfg.train_images,
-                    "mixup": cfg.mixup, "cutmix": cfg.cutmix, "reprob": cfg.reprob}
+                    "checkpoint_steps": cfg.checkpoint_steps, "train_images": cfg.train_images,
+                    **{k: getattr(cfg, k) for k in ("mesa", "mixup", "cutmix", "reprob") if hasattr(cfg, k)}}
     bad += [f"{k}={v}" for k, v in non_negative.items() if v is not None and v < 0]
     if cfg.ema_decay is not None and not 0 <= cfg.ema_decay < 1:
         bad.append(f"ema_decay={cfg.ema_decay}")
@@ -211,6 +226,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"invalid training arguments: {', '.join(bad)}")
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {cfg.amp!r}")
+    if not isinstance(cfg, TrainConfig):
+        return
     if cfg.mesa > 0 and not cfg.model_ema:
         raise ValueError("MESA distils from the EMA model: set model_ema=True or mesa=0")
     if ((cfg.mixup or 0) > 0 or (cfg.cutmix or 0) > 0) and cfg.batch_size % 2:
@@ -376,7 +393,8 @@ def create_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, cooldown_epochs=cfg.cooldown_epochs, min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
+        updates_per_epoch=steps_per_epoch, decay_rate=cfg.decay_rate,
+        **({"decay_milestones": [int(m) for m in cfg.decay_milestones]} if cfg.decay_milestones else {}),
     )
 
 
@@ -688,8 +706,11 @@ class Trainer:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+            self._enable_grad_checkpointing(model)
         return model
+
+    def _enable_grad_checkpointing(self, model: nn.Module) -> None:
+        model.set_grad_checkpointing(True)
 
     def _ddp_unused(self, model: nn.Module) -> list[str]:
         """Parameters that get no gradient (DDP must be told): from FasterViT's geometry, else a probe pass."""
@@ -1125,7 +1146,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Runs under ``torchrun`` as one DDP rank per process. Raises ``DatasetError`` / ``ValueError`` /
     ``CheckpointError`` before training for bad data or arguments, ``TrainingDiverged`` on a NaN loss.
     """
-    _check_config(cfg)
+    check_config(cfg)
     return run_training(Trainer, cfg)
 
 

@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "demo": "train, evaluate, predict and benchmark on the demo data",
     "train": "train or fine-tune a FasterViT (timm recipe, DDP-ready)",
     "validate": "top-1/top-5 of a model or checkpoint on a dataset",
+    "detect": "object detection / instance segmentation: train, evaluate, predict (torchvision detectors)",
+    "segment": "semantic segmentation: train, evaluate, predict (UPerNet / FPN decoders)",
     "predict": "classify images and print the top-k labels",
     "serve": "HTTP inference server with dynamic batching and an upload page",
     "bench": "throughput/latency/memory against the official model and peers",

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from open_fastervit.bench import (
     DEFAULT_MODELS,
@@ -19,6 +20,9 @@ from open_fastervit.bench import (
     run_benchmark,
 )
 from open_fastervit.cli._common import amp_word
+
+if TYPE_CHECKING:
+    from open_fastervit.bench_dense import DenseConfig
 
 #: ``--amp`` words -> the precision names of the benchmark's rows.
 _BENCH_WORD = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -117,7 +121,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help="about a minute on 2 CPU cores: batch 1,8, train batch 4, 1 warm-up, 3 rounds, "
                         "sizes 224,448, --fuse --channels-last (explicit options still win)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_dense_options(p)
     return p
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    from open_fastervit.bench_dense import parse_sizes
+
+    try:
+        return parse_sizes(text)
+    except BenchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_dense_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``fastervit bench --dense`` (backbones at detection/segmentation sizes) and ``--profile``."""
+    from open_fastervit.bench_dense import DEFAULT_DENSE_MODELS, DEFAULT_DENSE_SIZES, DEFAULT_TRAIN_SIZES
+
+    def sizes_text(sizes: Sequence[tuple[int, int]]) -> str:
+        return ",".join(f"{h}x{w}" for h, w in sizes)
+
+    g = p.add_argument_group(
+        "dense prediction (--dense)",
+        "Backbones returning the four stage maps (FasterViT via create_backbone, plain eval path and fused "
+        "inference form; timm peers with features_only) at detection/segmentation sizes. Reuses --models (default: "
+        f"{','.join(DEFAULT_DENSE_MODELS)}), --model-kwargs, --amp, --device, --channels-last, --compile, "
+        "--threads, --warmup (default 1), --rounds (default 5), --iters (default 1), --baseline (default "
+        "swin_tiny_patch4_window7_224), --no-macs, --no-memory, --out (default runs/bench_dense), --quick.")
+    g.add_argument("--dense", action="store_true", help="run the dense-prediction benchmark instead")
+    g.add_argument("--dense-sizes", type=_sizes, default=list(DEFAULT_DENSE_SIZES), metavar="HxW,...",
+                   help=f"inference sizes (default: {sizes_text(DEFAULT_DENSE_SIZES)}; '' for none)")
+    g.add_argument("--dense-batch", type=int, default=1, help="inference batch (default: %(default)s)")
+    g.add_argument("--dense-train-sizes", type=_sizes, default=list(DEFAULT_TRAIN_SIZES), metavar="HxW,...",
+                   help=f"training-step sizes (default: {sizes_text(DEFAULT_TRAIN_SIZES)}; '' for none)")
+    g.add_argument("--dense-train-batch", type=int, default=2,
+                   help="training-step batch: forward + backward of the sum of the maps' means (0: skip; default: "
+                        "%(default)s)")
+    g.add_argument("--dense-forms", type=_str_list, default=["plain", "fused"], metavar="LIST",
+                   help="FasterViT forms at inference: plain (eval, no fusion), fused (fuse()); default: both")
+    g.add_argument("--dense-check-tol", type=float, default=1e-5,
+                   help="largest allowed max|fused - plain| / max|plain| of any map, fp32 (default: %(default)g)")
+    g.add_argument("--profile", nargs="?", const="", default=None, metavar="MODEL",
+                   help="instead of timing: torch.profiler on one call of MODEL (default: the first model) and the "
+                        "top operators by self CPU time with shares, written into --out")
+    g.add_argument("--profile-form", choices=["plain", "fused", "train"], default="fused",
+                   help="form profiled (default: %(default)s; peers run as built for plain and fused)")
+    g.add_argument("--profile-size", type=_sizes, default=None, metavar="HxW",
+                   help="size profiled (default: the first --dense-sizes, or the first training size for train)")
+    g.add_argument("--profile-top", type=int, default=25, help="operators listed (default: %(default)s)")
 
 
 QUICK = {"batch_sizes": [1, 8], "train_batch": 4, "warmup": 1, "rounds": 3, "iters": 1,
@@ -140,6 +191,85 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConf
     return BenchConfig(**values)
 
 
+#: ``--dense --quick``: a few seconds per model on 2 CPU cores (explicit options still win).
+DENSE_QUICK: dict[str, Any] = {
+    "models": ["fastervit_0", "swin_tiny_patch4_window7_224", "convnext_tiny"], "sizes": [(384, 640)],
+    "train_sizes": [(256, 384)], "train_batch": 1, "warmup": 0, "rounds": 2, "iters": 1, "channels_last": True}
+#: Defaults of ``--dense`` that differ from the classification benchmark's, by DenseConfig field and option.
+_DENSE_DEFAULTS: dict[str, tuple[str, Any]] = {
+    "warmup": ("--warmup", 1), "rounds": ("--rounds", 5), "iters": ("--iters", 1)}
+#: DenseConfig field -> (option, namespace attribute) of the dense options.
+_DENSE_FIELDS = {"sizes": ("--dense-sizes", "dense_sizes"), "batch": ("--dense-batch", "dense_batch"),
+                 "train_sizes": ("--dense-train-sizes", "dense_train_sizes"),
+                 "train_batch": ("--dense-train-batch", "dense_train_batch"), "forms": ("--dense-forms", "dense_forms"),
+                 "check_tol": ("--dense-check-tol", "dense_check_tol")}
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """Long options present on the command line (``--no-x`` counted as ``--x``)."""
+    return {a.split("=")[0].replace("--no-", "--") for a in argv if a.startswith("--")}
+
+
+def dense_config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> DenseConfig:
+    """A :class:`open_fastervit.bench_dense.DenseConfig` from parsed options (``--quick`` fills those not given)."""
+    from open_fastervit.bench_dense import DEFAULT_DENSE_MODELS, DenseConfig
+
+    given = _given_options(argv)
+    values: dict[str, Any] = {
+        "models": args.models if "--models" in given else list(DEFAULT_DENSE_MODELS),
+        "precisions": [_BENCH_WORD[w] for w in args.amp],
+        "baseline": _baseline(args.baselines[0]).partition(":")[0] if args.baselines else "",
+        "model_kwargs": parse_model_kwargs(args.model_kwargs),
+        "command": " ".join(["fastervit", "bench", *argv]),
+    }
+    for key in ("device", "channels_last", "compile_mode", "threads", "min_block_s", "imports", "macs", "memory",
+                "seed"):
+        values[key] = getattr(args, key)
+    for key, (option, default) in _DENSE_DEFAULTS.items():
+        values[key] = getattr(args, key) if option in given else default
+    for key, (_, attr) in _DENSE_FIELDS.items():
+        values[key] = getattr(args, attr)
+    if args.quick:
+        options = {**{k: o for k, (o, _) in _DENSE_FIELDS.items()}, **{k: o for k, (o, _) in _DENSE_DEFAULTS.items()},
+                   "models": "--models", "channels_last": "--channels-last"}
+        for key, value in DENSE_QUICK.items():
+            if options[key] not in given:
+                values[key] = value
+    return DenseConfig(**values)
+
+
+def dense_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``fastervit bench --dense`` / ``--profile``: run, write the reports, print the Markdown table."""
+    from open_fastervit.bench_dense import dense_markdown, profile_forward, run_dense, write_dense_reports
+
+    out = args.out if "--out" in _given_options(argv) else Path("runs/bench_dense")
+    try:
+        config = dense_config_from_args(args, argv)
+        if args.profile is not None:
+            model = args.profile or config.models[0]
+            kind_sizes = config.train_sizes if args.profile_form == "train" else config.sizes
+            size = (args.profile_size or kind_sizes or config.sizes or config.train_sizes)[0]
+            result = profile_forward(config, model, args.profile_form, size, out, top=args.profile_top)
+            print(Path(result["paths"][1]).read_text())
+            print("wrote " + ", ".join(result["paths"]), file=sys.stderr)
+            return 0
+        result = run_dense(config, progress=args.progress)
+    except BenchError as exc:
+        print(f"fastervit bench: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        paths = write_dense_reports(result, out)
+    except OSError as exc:
+        print(f"fastervit bench: error: cannot write the reports into {out}: {exc}", file=sys.stderr)
+        return 2
+    print(dense_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if not result["checks_ok"]:
+        print("fastervit bench: warning: the fused maps differ from the plain ones beyond --dense-check-tol",
+              file=sys.stderr)
+    return 0
+
+
 def warn_if_busy() -> None:
     """Tell the user when other processes already keep the CPUs busy (timings will be noisy)."""
     cores = os.cpu_count() or 1
@@ -157,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     warn_if_busy()
+    if args.dense or args.profile is not None:
+        return dense_main(args, argv)
     try:
         result = run_benchmark(config_from_args(args, argv), progress=args.progress)
     except BenchError as exc:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from open_fastervit.demo import DemoConfig, run_demo
+from open_fastervit.dense_demo import DenseDemoConfig, run_dense_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,12 +16,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(about 7 min in all on 2 CPU cores), validate it, classify held-out photos, benchmark it and write "
         "OUTPUT/REPORT.md.",
     )
+    parser.add_argument("task", nargs="?", default="classification",
+                        choices=("classification", "detection", "segmentation"),
+                        help="classification (default; tiny-imagenet-10), detection (tree crowns, trees-neon: "
+                        "Faster R-CNN) or segmentation (nuclei, nuclei-dsb2018: FPN); each trains from scratch")
     parser.add_argument("--data", default=None,
-                        help="ImageFolder root with train/ and val/ (default: tiny-imagenet-10 in $FASTERVIT_DATA)")
-    parser.add_argument("--output", "-o", default="demo_output", help="output folder (default demo_output)")
+                        help="dataset root (default: the task's demo data in $FASTERVIT_DATA)")
+    parser.add_argument("--output", "-o", default=None,
+                        help="output folder (default demo_output, demo_output/detection, demo_output/segmentation)")
+    parser.add_argument("--backbone-checkpoint", default=None,
+                        help="detection/segmentation: start the backbone from these weights (e.g. the "
+                        "classification demo's model) instead of random ones")
     parser.add_argument("--quick", action="store_true", help="tiny budget (under a minute): checks the pipeline")
-    parser.add_argument("--minutes", type=float, default=DemoConfig.minutes,
-                        help="training budget in minutes; the epochs are chosen to fit it (default %(default)s)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget in minutes; the epochs are chosen to fit it (default "
+                        f"{DemoConfig.minutes:g} for classification, {DenseDemoConfig.minutes:g} for the others)")
     parser.add_argument("--epochs", type=int, default=None, help="a fixed number of epochs instead of --minutes")
     parser.add_argument("--no-bench", action="store_true", help="skip the speed comparison")
     parser.add_argument("--workers", "-j", type=int, default=2, help="data-loading processes (default 2)")
@@ -31,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; 0 on success, 1 with a one-line message for missing data or bad arguments."""
     args = build_parser().parse_args(argv)
-    cfg = DemoConfig(data=args.data, output=args.output, quick=args.quick, epochs=args.epochs, minutes=args.minutes,
-                     bench=not args.no_bench, workers=args.workers, seed=args.seed)
+    if args.task != "classification":
+        return _dense(args)
+    cfg = DemoConfig(data=args.data, output=args.output or "demo_output", quick=args.quick, epochs=args.epochs,
+                     minutes=args.minutes or DemoConfig.minutes, bench=not args.no_bench, workers=args.workers,
+                     seed=args.seed)
     try:
         summary = run_demo(cfg)
     except (FileNotFoundError, ValueError) as e:
@@ -41,4 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     val = summary["validate"]
     print(f"val top-1 {val['top1']:.1f}%  top-5 {val['top5']:.1f}%  ({summary['seconds'] / 60:.1f} min); "
           f"report: {summary['report']}")
+    return 0
+
+
+def _dense(args: argparse.Namespace) -> int:
+    """``fastervit demo detection|segmentation``."""
+    from open_fastervit.data import DatasetError
+
+    cfg = DenseDemoConfig(task=args.task, data=args.data, output=args.output, quick=args.quick, epochs=args.epochs,
+                          minutes=args.minutes or DenseDemoConfig.minutes, workers=min(args.workers, 1),
+                          seed=args.seed, backbone_checkpoint=args.backbone_checkpoint)
+    try:
+        facts = run_dense_demo(cfg)
+    except (FileNotFoundError, ValueError, DatasetError) as e:
+        print(f"fastervit demo: error: {e}", file=sys.stderr)
+        return 1
+    ev = facts["evaluate"]
+    score = (f"held-out box mAP {ev['bbox']['mAP']:.3f}, mAP50 {ev['bbox']['mAP50']:.3f}" if args.task == "detection"
+             else f"held-out mIoU {ev['mIoU']:.4f}, pixel accuracy {ev['pixel_accuracy']:.4f}")
+    print(f"{score} ({facts['epochs']} epochs, {facts['seconds'] / 60:.1f} min); report: {facts['report']}")
     return 0

@@ -43,19 +43,20 @@ _FIELD_TYPES: dict[str, tuple[Any, dict[str, Any]]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``fastervit train`` parser: one option per ``TrainConfig`` field, plus ``--recipe``."""
-    parser = argparse.ArgumentParser(
-        prog="fastervit train",
-        description="Train or fine-tune FasterViT with the published recipe (DDP under torchrun). "
-        "Options override the recipe, which overrides the defaults. Example: fastervit train --recipe "
-        "fastervit_0_in1k --data /data/imagenet --batch-size 128; fine-tune: fastervit train --data PATH "
-        "--official-checkpoint fastervit_0_224_1k.pth.tar --lr 1e-4 --layer-decay 0.8 --epochs 30.",
-    )
+DESCRIPTION = ("Train or fine-tune FasterViT with the published recipe (DDP under torchrun). "
+               "Options override the recipe, which overrides the defaults. Example: fastervit train --recipe "
+               "fastervit_0_in1k --data /data/imagenet --batch-size 128; fine-tune: fastervit train --data PATH "
+               "--official-checkpoint fastervit_0_224_1k.pth.tar --lr 1e-4 --layer-decay 0.8 --epochs 30.")
+
+
+def build_parser(config_cls: type = TrainConfig, prog: str = "fastervit train",
+                 description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """A training parser: one option per field of ``config_cls`` (a ``RunConfig`` dataclass), plus ``--recipe``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--recipe", default=None,
                         help=f"recipe name or YAML file; shipped: {', '.join(list_recipes())}")
-    hints = typing.get_type_hints(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(config_cls)
+    for item in dataclasses.fields(config_cls):
         kind, extra = _FIELD_TYPES.get(item.name) or _arg_type(hints[item.name])
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         options = {"type": kind} if kind is not None else {}
@@ -67,23 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from defaults < recipe < command-line options.
+def config_from_args(argv: list[str] | None = None, config_cls: type = TrainConfig,
+                     parser: argparse.ArgumentParser | None = None) -> Any:
+    """A config (default ``TrainConfig``) from defaults < recipe < command-line options.
 
     Raises:
-        ValueError: a recipe with keys TrainConfig does not have.
+        ValueError: a recipe with keys the config does not have.
         SystemExit: bad options (argparse).
     """
-    args = vars(build_parser().parse_args(argv))
+    args = vars((parser or build_parser(config_cls)).parse_args(argv))
     recipe = args.pop("recipe", None)
     settings = load_recipe(recipe) if recipe else {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"recipe {recipe!r} has unknown keys {unknown}")
     if "amp" in settings:
         settings["amp"] = amp_word(str(settings["amp"]), "amp:")
-    return TrainConfig(**{**settings, **args})
+    return config_cls(**{**settings, **args})
 
 
 def main(argv: list[str] | None = None) -> int:

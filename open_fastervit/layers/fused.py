@@ -35,6 +35,12 @@ __all__ = ["FusedConv2d", "FusedLinear", "FusedMlp", "freeze", "kernel_dtype", "
 _ACTS = ("none", "gelu", "relu")
 
 
+def _version(t: Tensor) -> int:
+    """The in-place version counter of ``t``; inference tensors (made under ``torch.inference_mode``) have none and
+    cannot be modified outside it, so they count as version 0."""
+    return 0 if t.is_inference() else t._version
+
+
 @functools.cache
 def onednn_available() -> bool:
     """True when this torch build has the oneDNN pointwise-fusion kernels and they compute correctly.
@@ -140,7 +146,7 @@ class _Packed(nn.Module):
         """Packed weight and bias in ``dtype``: built on first use, rebuilt when the weight or bias tensor is
         replaced or modified in place (identity, held by reference, and version counter)."""
         w, b = self.weight, self.bias
-        versions = (w._version, None if b is None else b._version)
+        versions = (_version(w), None if b is None else _version(b))
         hit = self._packed.get(dtype)
         if hit is None or hit[0][0] is not w or hit[0][1] is not b or hit[0][2] != versions:
             with torch.no_grad():

@@ -278,14 +278,22 @@ def segmenter_from_config(config: Mapping[str, Any], *, load_backbone_weights: b
                            config.pop("num_classes", 150), backbone_kwargs=bb_kwargs, **config)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return _unwrap(inner)
+    return model
+
+
 def segmenter_backbone(model: nn.Module) -> FasterViTBackbone:
     """The ``FasterViTBackbone`` of a segmenter built by ``build_segmenter`` (also through DDP / compile wrappers).
 
     Raises:
         TypeError: ``model`` holds no ``FasterViTBackbone`` as ``backbone``.
     """
-    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
-    trunk = getattr(inner, "backbone", None)
+    trunk = getattr(_unwrap(model), "backbone", None)
     if not isinstance(trunk, FasterViTBackbone):
         raise TypeError(f"{type(model).__name__} has no FasterViTBackbone 'backbone' (not built by build_segmenter)")
     return trunk
@@ -312,8 +320,7 @@ def segmenter_param_groups(model: nn.Module, lr: float, weight_decay: float, lay
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []
     backbone_ids = {id(p) for p in trunk.parameters()}
-    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
-    for name, param in inner.named_parameters():
+    for name, param in _unwrap(model).named_parameters():
         if id(param) in backbone_ids or not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 else decay).append((name, param))

@@ -1,0 +1,160 @@
+"""``fastervit detect`` and ``fastervit segment``: ``train`` / ``evaluate`` / ``predict`` sub-commands over
+``open_fastervit.detection.train`` and ``open_fastervit.segmentation.train``.
+
+``train`` takes one option per field of the task's config (``DetectionConfig`` / ``SegmentationConfig``) and
+``--recipe``, exactly as ``fastervit train`` does; it runs under ``torchrun`` as one DDP rank per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from open_fastervit.data import DatasetError
+
+__all__ = ["dense_main"]
+
+TASKS = {"detect": "detection", "segment": "segmentation"}
+EXAMPLES = {
+    "detect": "fastervit detect train --data ../shared/data/trees-neon --kind faster_rcnn --min-size 320 384 448 "
+              "--max-size 640 --epochs 20 --output runs/trees; fastervit detect evaluate runs/trees --data "
+              "../shared/data/trees-neon --json runs/trees/eval.json; fastervit detect predict runs/trees "
+              "../shared/data/trees-neon/val --output runs/trees/pred",
+    "segment": "fastervit segment train --data ../shared/data/nuclei-dsb2018 --kind fpn --crop-size 192 --epochs 30 "
+               "--output runs/nuclei; fastervit segment evaluate runs/nuclei --data ../shared/data/nuclei-dsb2018 "
+               "--json runs/nuclei/eval.json; fastervit segment predict runs/nuclei "
+               "../shared/data/nuclei-dsb2018/val/images --output runs/nuclei/pred",
+}
+
+
+def _usage(command: str) -> str:
+    return (f"usage: fastervit {command} {{train,evaluate,predict}} [options]\n\n"
+            f"  train      train or fine-tune a {TASKS[command]} model (options: fastervit {command} train --help)\n"
+            f"  evaluate   {'COCO box/mask mAP' if command == 'detect' else 'mIoU and pixel accuracy'} of a trained "
+            f"model on a split\n"
+            f"  predict    {'boxes/masks drawn on' if command == 'detect' else 'masks and overlays of'} images, "
+            f"plus a results json\n\nexample: {EXAMPLES[command]}")
+
+
+def _train(command: str, argv: list[str]) -> int:
+    from open_fastervit.cli.train import build_parser, config_from_args
+    from open_fastervit.train import TrainingDiverged
+
+    if command == "detect":
+        from open_fastervit.detection.train import DetectionConfig as config_cls
+        from open_fastervit.detection.train import train_detector as run
+    else:
+        from open_fastervit.segmentation.train import SegmentationConfig as config_cls
+        from open_fastervit.segmentation.train import train_segmenter as run
+    parser = build_parser(config_cls, f"fastervit {command} train",
+                          f"Train or fine-tune a FasterViT {TASKS[command]} model (DDP under torchrun). Options "
+                          f"override the recipe, which overrides the defaults. Example: {EXAMPLES[command]}")
+    try:
+        cfg = config_from_args(argv, config_cls, parser)
+        result = run(cfg)
+    except (DatasetError, TrainingDiverged, ValueError, FileNotFoundError) as err:  # CheckpointError: ValueError
+        print(f"fastervit {command} train: error: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("final", "build_config")}, indent=2))
+    return 0
+
+
+def _evaluate_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"fastervit {command} evaluate",
+                                description=f"Evaluate a trained {TASKS[command]} model on one split.")
+    p.add_argument("weights", help="a run folder, its best.safetensors / last.safetensors / last.pt")
+    p.add_argument("--data", required=True, help="dataset root (as for training)")
+    p.add_argument("--split", default="val", help="split to evaluate (default: %(default)s)")
+    if command == "detect":
+        p.add_argument("--ann", default=None, help="COCO json (default: ROOT/annotations/instances_<split>.json)")
+    else:
+        p.add_argument("--images", default="images", help="image folder name (default: %(default)s)")
+        p.add_argument("--masks", default="masks", help="mask folder name (default: %(default)s)")
+        p.add_argument("--ignore-index", type=int, default=255, help="mask value left out (default: %(default)s)")
+        p.add_argument("--reduce-zero-label", action="store_true", help="ADE20K: label 0 is ignored, 1.. become 0..")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the metrics here")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="evaluate the plain (unfused) backbone")
+    p.add_argument("--workers", type=int, default=1, help="data-loading processes (default: %(default)s)")
+    return p
+
+
+def _evaluate(command: str, argv: list[str]) -> int:
+    args = _evaluate_parser(command).parse_args(argv)
+    try:
+        if command == "detect":
+            from open_fastervit.detection.train import evaluate_detector
+
+            metrics: dict[str, Any] = evaluate_detector(args.weights, args.data, args.split, ann_file=args.ann,
+                                                        json_path=args.json_path, device=args.device, fuse=args.fuse,
+                                                        workers=args.workers)
+            for iou, values in metrics.items():
+                print(f"{iou}: mAP {values['mAP']:.4f}  mAP50 {values['mAP50']:.4f}  mAP75 {values['mAP75']:.4f}")
+        else:
+            from open_fastervit.segmentation.train import evaluate_segmenter
+
+            metrics = evaluate_segmenter(args.weights, args.data, args.split, images=args.images, masks=args.masks,
+                                         ignore_index=args.ignore_index, reduce_zero_label=args.reduce_zero_label,
+                                         json_path=args.json_path, device=args.device, fuse=args.fuse,
+                                         workers=args.workers)
+            print(f"mIoU {metrics['mIoU']:.4f}  pixel accuracy {metrics['pixel_accuracy']:.4f}")
+            for name, iou in metrics["per_class_iou"].items():
+                print(f"  IoU {name}: {iou:.4f}")
+    except (DatasetError, ValueError, FileNotFoundError) as err:
+        print(f"fastervit {command} evaluate: error: {err}", file=sys.stderr)
+        return 1
+    if args.json_path:
+        print(f"metrics written to {args.json_path}")
+    return 0
+
+
+def _predict(command: str, argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"fastervit {command} predict",
+                                description=f"Run a trained {TASKS[command]} model on images and write PNGs + json.")
+    p.add_argument("weights", help="a run folder, its best.safetensors / last.safetensors / last.pt")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--output", "-o", required=True, help="output folder")
+    if command == "detect":
+        p.add_argument("--score-threshold", type=float, default=0.5, help="draw and keep detections scoring at "
+                                                                          "least this (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="run the plain (unfused) backbone")
+    args = p.parse_args(argv)
+    try:
+        if command == "detect":
+            from open_fastervit.detection.train import predict_detector
+
+            summary = predict_detector(args.weights, args.inputs, args.output, score_threshold=args.score_threshold,
+                                       device=args.device, fuse=args.fuse)
+            print(f"{summary['images']} image(s), {summary['detections']} detection(s) >= {args.score_threshold}: "
+                  f"PNGs in {args.output}, results in {summary['json']}")
+        else:
+            from open_fastervit.segmentation.train import predict_segmenter
+
+            summary = predict_segmenter(args.weights, args.inputs, args.output, device=args.device, fuse=args.fuse)
+            print(f"{summary['images']} image(s): masks and overlays in {args.output}, summary in {summary['json']}")
+    except (DatasetError, ValueError, FileNotFoundError) as err:
+        print(f"fastervit {command} predict: error: {err}", file=sys.stderr)
+        return 1
+    for line in summary["skipped"]:
+        print(f"skipped {line}", file=sys.stderr)
+    return 0
+
+
+def dense_main(command: str, argv: list[str] | None = None) -> int:
+    """``fastervit detect|segment SUB ...``: 0 on success, 1 with a one-line message on bad data/weights, 2 for an
+    unknown sub-command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(command))
+        return 0
+    sub, rest = argv[0], argv[1:]
+    handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict}
+    if sub not in handlers:
+        print(f"fastervit {command}: unknown sub-command {sub!r}\n\n{_usage(command)}", file=sys.stderr)
+        return 2
+    return handlers[sub](command, rest)

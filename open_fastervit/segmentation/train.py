@@ -1,0 +1,276 @@
+"""Training, evaluation and prediction of FasterViT semantic segmenters (``fastervit segment train|evaluate|predict``).
+
+``train_segmenter(SegmentationConfig(...))`` runs the classification trainer's machinery (``open_fastervit.train``:
+torchrun DDP, exact resume from ``last.pt`` after a kill, atomic checkpoints, AMP, layer-wise lr decay, EMA,
+progress bar, CSV, TensorBoard, ``curves.png``, ``results.json``) with the segmentation hooks of this module:
+image/mask folder pairs (``SegmentationFolder``: ``ROOT/<split>/{images,masks}`` or the ADE20K layout
+``ROOT/{images,annotations}/{training,validation}``), smp's UPerNet / FPN decoders on the FasterViT backbone
+(``build_segmenter``), per-pixel cross-entropy (``ignore_index`` excluded), and mIoU / pixel accuracy from a
+confusion matrix summed over ranks, computed on whole images in the backbone's inference form.
+``best.safetensors`` holds the weights with the best mIoU.
+
+The paper's recipe (UPerNet on ADE20K: AdamW, lr 6e-5 at batch 16, weight decay 0.01, 512 x 512 crops, 160k
+iterations, poly schedule) is ``--recipe upernet_ade20k_160k``, the lr scaled linearly to the run's global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import DatasetError, read_image
+from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model
+from ..distributed import DistInfo
+from ..train import _opt, check_config, run_training
+
+__all__ = ["SegmentationConfig", "evaluate_segmenter", "load_segmenter", "predict_segmenter", "train_segmenter"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentationConfig(DenseConfig):
+    """A semantic segmentation run; the shared fields are ``DenseConfig``'s."""
+
+    kind: str = _opt("upernet", "decoder: upernet (the paper's) or fpn (segmentation_models_pytorch)")
+    data: str = _opt("", "root of image/mask folder pairs: ROOT/<split>/{images,masks} or the ADE20K layout "
+                         "ROOT/{images,annotations}/{training,validation}")
+    images: str = _opt("images", "name of the image folders")
+    masks: str = _opt("masks", "name of the mask folders (class-index PNGs; 'annotations' is also found)")
+    ignore_index: int = _opt(255, "mask value left out of the loss and the metrics")
+    reduce_zero_label: bool = _opt(False, "ADE20K: label 0 ('other') becomes ignore_index, 1..150 become 0..149")
+    crop_size: int = _opt(512, "training crop side in pixels")
+    scale_range: list = _opt([0.5, 2.0], "random rescale factor range")
+    hflip: float = _opt(0.5, "horizontal flip probability")
+    vflip: float = _opt(0.0, "vertical flip probability (aerial and microscopy images)")
+    color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter (0: off)")
+    decoder_channels: int | None = _opt(None, "decoder width (UPerNet 512, FPN 256)")
+    weight_decay: float = _opt(0.01, "weight decay (not applied to biases, norms, layer scales)")
+    lr_base: float = _opt(6e-5, "learning rate at global batch lr_base_size (linear scaling)")
+    output: str = _opt("runs/segment", "output folder")
+
+
+def open_segmentation_data(cfg: SegmentationConfig) -> tuple[Any, Any]:
+    """Train and (optional) val ``SegmentationFolder``s with their transforms.
+
+    Raises:
+        DatasetError: missing or empty folders, splits with different class counts.
+    """
+    from .data import SegmentationFolder, eval_transforms, train_transforms
+
+    if not cfg.data:
+        raise DatasetError("no data given: set data to a folder of image/mask pairs")
+    common = dict(images=cfg.images, masks=cfg.masks, reduce_zero_label=cfg.reduce_zero_label,
+                  ignore_index=cfg.ignore_index, num_classes=cfg.num_classes)
+    train_tf = train_transforms(cfg.crop_size, tuple(cfg.scale_range), cfg.hflip, cfg.vflip,
+                                ignore_index=cfg.ignore_index, color_jitter=cfg.color_jitter)
+    train_set = SegmentationFolder(cfg.data, cfg.train_split, transforms=train_tf, **common)
+    val_set = None
+    if cfg.val_split:
+        common["num_classes"] = cfg.num_classes or train_set.num_classes
+        val_set = SegmentationFolder(cfg.data, cfg.val_split, transforms=eval_transforms(), **common)
+    return train_set, val_set
+
+
+@torch.inference_mode()
+def segment_dataset(model: nn.Module, loader: Any, device: torch.device, num_classes: int, ignore_index: int,
+                    amp_dtype: torch.dtype | None = None) -> Any:
+    """The ``SegmentationMetric`` of ``model`` (eval mode) over ``loader``'s ``(images, masks)`` batches."""
+    from .metrics import SegmentationMetric
+
+    metric = SegmentationMetric(num_classes, ignore_index, device=device)
+    for images, masks in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images.to(device))
+        metric.update(logits.float(), masks.to(device))
+    return metric
+
+
+def _all_reduce(confusion: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(confusion)
+    return confusion
+
+
+class SegmentationTrainer(DenseTrainer):
+    """Segmentation hooks of the shared trainer (see the module docstring)."""
+
+    task = "segmentation"
+    metric = "mIoU"
+    metric_title = "mIoU"
+
+    def _build_datasets(self) -> tuple[Any, Any]:
+        return open_segmentation_data(self.cfg)
+
+    def _build_model(self) -> nn.Module:
+        from .models import build_segmenter
+
+        cfg = self.cfg
+        backbone_kwargs = self._backbone_kwargs()
+        if cfg.backbone_checkpoint:
+            backbone_kwargs["checkpoint"] = cfg.backbone_checkpoint
+        num_classes = cfg.num_classes or self.train_set.num_classes
+        self.num_classes = num_classes
+        return build_segmenter(cfg.kind, cfg.model, num_classes, backbone_kwargs=backbone_kwargs,
+                               decoder_channels=cfg.decoder_channels)
+
+    def _input_size(self) -> tuple[int, int, int]:
+        return (3, self.cfg.crop_size, self.cfg.crop_size)
+
+    def _collate(self) -> Any:
+        import functools
+
+        from .data import collate_segmentation
+
+        return functools.partial(collate_segmentation, ignore_index=self.cfg.ignore_index)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        from .models import segmenter_param_groups
+
+        return segmenter_param_groups(self.model, self.lr, self.cfg.weight_decay, self.cfg.layer_decay)
+
+    def _to_device(self, batch: Any) -> tuple[Any, Any]:
+        images, masks = batch
+        memory = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory)
+        return images, masks.to(self.device, non_blocking=True)
+
+    def _forward_loss(self, images: Any, targets: Any) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.train_model(images)
+        return F.cross_entropy(logits.float(), targets, ignore_index=self.cfg.ignore_index)
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """mIoU, pixel accuracy and per-class IoU of ``model`` on the val split (whole images, inference form of
+        the backbone; each rank its shard, confusion matrices summed)."""
+        was_training = model.training
+        try:
+            metric = segment_dataset(inference_copy(model), self.val_loader, self.device, self.num_classes,
+                                     self.cfg.ignore_index, self.amp_dtype)
+        finally:
+            model.train(was_training)
+        _all_reduce(metric.confusion, self.info)
+        values = metric.compute()
+        row: dict[str, Any] = {"mIoU": values["mIoU"], "pixel_accuracy": values["pixel_accuracy"],
+                               "mean_accuracy": values["mean_accuracy"], "count": len(self.val_set)}
+        for name, iou in zip(self.class_names, values["per_class_iou"]):
+            row[f"IoU_{name}"] = iou
+        return row
+
+    def _describe_metrics(self, row: dict[str, Any]) -> list[str]:
+        parts = []
+        if "mIoU" in row:
+            parts.append(f"mIoU {row['mIoU']:.4f} pixel acc {row['pixel_accuracy']:.4f}")
+        if "ema_mIoU" in row:
+            parts.append(f"EMA mIoU {row['ema_mIoU']:.4f}")
+        return parts
+
+
+def train_segmenter(cfg: SegmentationConfig) -> dict[str, Any]:
+    """Train (or fine-tune / resume) a segmenter as configured; returns the summary (also ``results.json``).
+
+    Raises:
+        DatasetError: missing/empty data; ValueError: bad settings; CheckpointError: unusable weights;
+        TrainingDiverged: a NaN loss (the last good checkpoint is kept).
+    """
+    check_config(cfg)
+    if cfg.kind == "upernet" and cfg.batch_size < 2:
+        raise ValueError("upernet needs batch_size >= 2 per process in training (its pooling branch normalises "
+                         "1x1 maps with BatchNorm); use kind fpn for batch 1")
+    return run_training(SegmentationTrainer, cfg)
+
+
+def load_segmenter(source: str | Path, *, device: str | torch.device | None = None,
+                   use_ema: bool | None = None) -> nn.Module:
+    """A segmenter trained by ``fastervit segment train``, from its weights file, ``last.pt`` or run folder (eval
+    mode; ``class_names`` attribute). Raises CheckpointError for missing, corrupt or other-task files."""
+    return load_dense_model(source, "segmentation", device=device, use_ema=use_ema)
+
+
+def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val", *, images: str = "images",
+                       masks: str = "masks", ignore_index: int = 255, reduce_zero_label: bool = False,
+                       json_path: str | Path | None = None, device: str | None = None, fuse: bool = True,
+                       workers: int = 1) -> dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU of a trained segmenter on one split (whole images).
+
+    Returns:
+        ``{"mIoU", "pixel_accuracy", "mean_accuracy", "per_class_iou": {name: IoU}}``, also written to
+        ``json_path`` when given.
+
+    Raises:
+        CheckpointError, DatasetError: unusable weights or data.
+    """
+    from ..data import LoaderOptions, build_eval_loader
+    from .data import SegmentationFolder, collate_segmentation, eval_transforms
+
+    device_ = torch.device(device or "cpu")
+    model = load_segmenter(source, device=device_)
+    num_classes = int(model.build_config["num_classes"])
+    dataset = SegmentationFolder(data, split, images=images, masks=masks, transforms=eval_transforms(),
+                                 reduce_zero_label=reduce_zero_label, ignore_index=ignore_index,
+                                 num_classes=num_classes)
+    loader = build_eval_loader(dataset, dataset.transforms, 1, LoaderOptions(workers=workers),
+                               collate_fn=collate_segmentation)
+    runner = inference_copy(model) if fuse else model
+    values = segment_dataset(runner, loader, device_, num_classes, ignore_index).compute()
+    names = model.class_names or [f"class_{i}" for i in range(num_classes)]
+    out = {"mIoU": values["mIoU"], "pixel_accuracy": values["pixel_accuracy"],
+           "mean_accuracy": values["mean_accuracy"],
+           "per_class_iou": {name: iou for name, iou in zip(names, values["per_class_iou"])}}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2))
+    return out
+
+
+@torch.inference_mode()
+def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str | Path, *,
+                      device: str | None = None, fuse: bool = True, alpha: float = 0.5) -> dict[str, Any]:
+    """Segment image files (or folders of them): write ``<name>_mask.png`` (class indices, 8-bit, or 16-bit for
+    more than 256 classes) and ``<name>_overlay.png`` (colours over the image) per image, and ``predictions.json``
+    (per image: the files and the pixel share of each class).
+
+    Raises:
+        CheckpointError: unusable weights; FileNotFoundError / DatasetError: no input images.
+    """
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from ..detection.train import _image_files
+    from .visualize import overlay_mask, save_png
+
+    device_ = torch.device(device or "cpu")
+    model = load_segmenter(source, device=device_)
+    runner = inference_copy(model) if fuse else model
+    num_classes = int(model.build_config["num_classes"])
+    names = model.class_names or [f"class_{i}" for i in range(num_classes)]
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, skipped = [], []
+    for path in _image_files(inputs):
+        try:
+            image = pil_to_tensor(read_image(path)).float().div(255)
+        except ValueError as err:  # ImageDecodeError
+            skipped.append(f"{path}: {err}")
+            logger.warning("skipping %s: %s", path, err)
+            continue
+        prediction = runner(image[None].to(device_))[0].argmax(0).cpu()
+        mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
+        array = prediction.numpy().astype("uint8" if num_classes <= 256 else "uint16")
+        Image.fromarray(array).save(mask_path)
+        save_png(overlay_mask(image, prediction, num_classes, alpha=alpha), overlay_path)
+        shares = torch.bincount(prediction.flatten(), minlength=num_classes).float() / prediction.numel()
+        records.append({"file_name": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
+                        "class_share": {names[i]: round(float(s), 6) for i, s in enumerate(shares) if s > 0}})
+    json_path = out_dir / "predictions.json"
+    json_path.write_text(json.dumps(records, indent=1))
+    return {"images": len(records), "json": str(json_path), "skipped": skipped}
