@@ -1,0 +1,366 @@
+"""Training, evaluation and prediction of FasterViT detectors (``fastervit detect train|evaluate|predict``).
+
+``train_detector(DetectionConfig(...))`` runs the classification trainer's machinery (``open_fastervit.train``:
+torchrun DDP, exact resume from ``last.pt`` after a kill, atomic checkpoints, AMP, layer-wise lr decay, EMA,
+progress bar, CSV, TensorBoard, ``curves.png``, ``results.json``) with the detection hooks of this module: COCO
+data (``CocoDetection``) or instance-mask folders (``InstanceMaskFolder``), torchvision detectors
+(``build_detector``), the sum of the detector's losses, and COCO box / mask AP (pycocotools) computed in the
+backbone's inference form. ``best.safetensors`` holds the weights with the best box mAP.
+
+Data layouts (``data`` = ROOT):
+
+* COCO: images in ``ROOT/<split>/`` and annotations in ``ROOT/annotations/instances_<split>.json`` (override with
+  ``train_ann`` / ``val_ann``), as COCO 2017 (``train2017``) and ``trees-neon``;
+* instance folders: ``ROOT/<split>/images/*`` with ``ROOT/<split>/instances/*`` (integer instance ids, one
+  class), as ``nuclei-dsb2018``.
+
+The paper's recipe (Cascade Mask R-CNN 3x on COCO: AdamW, lr 1e-4 at batch 16, weight decay 0.05, multi-scale
+short side 480-800, 36 epochs with lr steps at 27 and 33) is ``--recipe mask_rcnn_3x_coco``, the lr scaled
+linearly to the run's global batch; see ``open_fastervit.detection.models`` for how torchvision's Mask R-CNN
+differs from the paper's Cascade head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import DatasetError, read_image
+from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model
+from ..distributed import DistInfo
+from ..train import _opt, check_config, run_training
+
+__all__ = ["DetectionConfig", "evaluate_detector", "load_detector", "predict_detector", "train_detector"]
+
+logger = logging.getLogger(__name__)
+
+#: The paper's multi-scale training short sides (480..800 in steps of 32).
+PAPER_MIN_SIZES = list(range(480, 801, 32))
+METRIC_KEYS = ("mAP", "mAP50", "mAP75")
+
+
+@dataclass
+class DetectionConfig(DenseConfig):
+    """A detection / instance-segmentation run; the shared fields are ``DenseConfig``'s."""
+
+    kind: str = _opt("mask_rcnn", "detector: mask_rcnn, faster_rcnn, retinanet or fcos (torchvision)")
+    data: str = _opt("", "COCO root (ROOT/<split>/ + ROOT/annotations/instances_<split>.json) or an instance-mask "
+                         "folder root (ROOT/<split>/images + ROOT/<split>/instances)")
+    train_ann: str | None = _opt(None, "COCO json of the train split (default: "
+                                        "ROOT/annotations/instances_<split>.json)")
+    val_ann: str | None = _opt(None, "COCO json of the val split (default: ROOT/annotations/instances_<split>.json)")
+    min_size: list = _opt(PAPER_MIN_SIZES, "short side(s) of the resized input in pixels: one drawn per training "
+                                           "batch; evaluation uses the last")
+    max_size: int = _opt(1333, "cap on the long side of the resized input, pixels")
+    hflip: float = _opt(0.5, "horizontal flip probability")
+    vflip: float = _opt(0.0, "vertical flip probability (aerial and microscopy images)")
+    crop: str | None = _opt(None, "random crop: None, 'iou' (SSD IoU crop) or 'random' (30-100% of the area)")
+    fpn_channels: int = _opt(256, "channels of the feature pyramid")
+    anchor_sizes: list | None = _opt(None, "anchor size per pyramid level in pixels (default 32..512)")
+    detections_per_img: int = _opt(100, "detections kept per image")
+    score_thresh: float = _opt(0.05, "detections scoring below are dropped (evaluation keeps low scores for AP)")
+    output: str = _opt("runs/detect", "output folder")
+
+
+def _split_data(root: Path, split: str, ann: str | None, masks: bool, transforms: Any) -> Any:
+    """The dataset of one split: COCO json when there is one, else an instance-mask folder."""
+    from .data import CocoDetection, InstanceMaskFolder
+
+    if ann is None and (root / split / "instances").is_dir() and (root / split / "images").is_dir():
+        return InstanceMaskFolder(root, split, transforms)
+    ann_file = Path(ann) if ann else root / "annotations" / f"instances_{split}.json"
+    if not ann_file.is_file():
+        raise DatasetError(f"no annotations for split {split!r}: {ann_file} does not exist (and {root / split} holds "
+                           "no images/ + instances/ folders); pass the json with train_ann / val_ann")
+    images = root / split if (root / split).is_dir() else root
+    return CocoDetection(images, ann_file, transforms, masks=masks)
+
+
+def open_detection_data(cfg: DetectionConfig, masks: bool) -> tuple[Any, Any]:
+    """Train and (optional) val datasets with their transforms.
+
+    Raises:
+        DatasetError: missing data, no usable image, or train and val splits with different categories.
+    """
+    from .data import eval_transforms, train_transforms
+
+    if not cfg.data:
+        raise DatasetError("no data given: set data to a COCO root or an instance-mask folder root")
+    root = Path(cfg.data).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist")
+    train_tf = train_transforms(hflip=cfg.hflip, vflip=cfg.vflip, crop=cfg.crop)
+    train_set = _split_data(root, cfg.train_split, cfg.train_ann, masks, train_tf)
+    val_set = None
+    if cfg.val_split:
+        val_set = _split_data(root, cfg.val_split, cfg.val_ann, masks, eval_transforms())
+        if list(val_set.class_names) != list(train_set.class_names):
+            raise DatasetError(f"the {cfg.train_split!r} and {cfg.val_split!r} splits have different categories: "
+                               f"{train_set.class_names} vs {val_set.class_names}")
+    for dataset in (train_set, val_set):
+        for problem in getattr(dataset, "problems", [])[:5] if dataset is not None else []:
+            logger.warning("data: %s", problem)
+    return train_set, val_set
+
+
+def ground_truth(dataset: Any) -> Any:
+    """The pycocotools ``COCO`` ground truth of a dataset (written to a temporary json for instance folders)."""
+    coco = getattr(dataset, "coco", None)
+    if coco is not None:
+        return coco
+    from pycocotools.coco import COCO
+
+    from .data import instance_folder_to_coco
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = instance_folder_to_coco(dataset.root, dataset.split, Path(tmp) / "gt.json")
+        return COCO(str(path))
+
+
+def _has_masks(dataset: Any) -> bool:
+    if hasattr(dataset, "coco"):
+        return any("segmentation" in a for a in dataset.coco.dataset.get("annotations", []))
+    return True  # instance folders
+
+
+@torch.inference_mode()
+def detect_dataset(model: nn.Module, loader: Any, device: torch.device, label_to_category: dict[int, int],
+                   masks: bool, amp_dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
+    """COCO results of ``model`` (eval mode) over ``loader``'s ``(images, targets)`` batches."""
+    from .metrics import to_coco_results
+
+    results: list[dict[str, Any]] = []
+    for images, targets in loader:
+        images = [image.to(device) for image in images]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images)
+        outputs = [{k: v.float() if v.is_floating_point() else v for k, v in out.items()} for out in outputs]
+        results += to_coco_results(outputs, [int(t["image_id"]) for t in targets], label_to_category, masks=masks)
+    return results
+
+
+def _gather(results: list[dict[str, Any]], info: DistInfo) -> list[dict[str, Any]]:
+    if not info.distributed:
+        return results
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, results)
+    return [r for part in parts for r in part]
+
+
+def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"bbox": {"mAP": ...}}`` -> ``{"bbox_mAP": ...}`` (one CSV / TensorBoard column each)."""
+    return {f"{iou}_{key}": float(value) for iou, values in metrics.items() for key, value in values.items()}
+
+
+class DetectionTrainer(DenseTrainer):
+    """Detection hooks of the shared trainer (see the module docstring)."""
+
+    task = "detection"
+    metric = "bbox_mAP"
+    metric_title = "box mAP"
+
+    def _build_datasets(self) -> tuple[Any, Any]:
+        self.with_masks = self.cfg.kind.replace("-", "_") == "mask_rcnn"
+        train_set, val_set = open_detection_data(self.cfg, masks=self.with_masks)
+        if self.with_masks and not _has_masks(train_set):
+            raise DatasetError(f"{self.cfg.data}: the annotations have no segmentation masks, which mask_rcnn needs; "
+                               "use kind faster_rcnn, retinanet or fcos for boxes only")
+        if val_set is not None:
+            self.val_gt = ground_truth(val_set)
+            self.iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
+        return train_set, val_set
+
+    def _build_model(self) -> nn.Module:
+        from .models import build_detector
+
+        cfg = self.cfg
+        backbone_kwargs = self._backbone_kwargs()
+        if cfg.backbone_checkpoint:
+            backbone_kwargs["checkpoint"] = cfg.backbone_checkpoint
+        extra: dict[str, Any] = {}
+        if cfg.kind.replace("-", "_") in ("mask_rcnn", "faster_rcnn"):
+            extra = {"box_detections_per_img": cfg.detections_per_img, "box_score_thresh": cfg.score_thresh}
+        else:
+            extra = {"detections_per_img": cfg.detections_per_img, "score_thresh": cfg.score_thresh}
+        min_size = tuple(int(s) for s in cfg.min_size)
+        return build_detector(cfg.kind, cfg.model, self.num_classes, min_size=min_size if len(min_size) > 1
+                              else min_size[0], max_size=cfg.max_size, backbone_kwargs=backbone_kwargs,
+                              fpn_channels=cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes, **extra)
+
+    def _input_size(self) -> tuple[int, int, int]:
+        return (3, int(self.cfg.min_size[-1]), int(self.cfg.max_size))
+
+    def _collate(self) -> Any:
+        from .data import collate_detection
+
+        return collate_detection
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        from .models import detector_param_groups
+
+        return detector_param_groups(self.model, self.lr, self.cfg.weight_decay, self.cfg.layer_decay)
+
+    def _to_device(self, batch: Any) -> tuple[Any, Any]:
+        images, targets = batch
+        device = self.device
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                   for t in targets]
+        return images, targets
+
+    def _forward_loss(self, images: Any, targets: Any) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = self.train_model(images, targets)
+        return sum(loss.float() for loss in losses.values())
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """COCO AP of ``model`` on the val split (inference form of the backbone; each rank its shard)."""
+        from .metrics import coco_evaluate
+
+        was_training = model.training
+        try:
+            results = detect_dataset(inference_copy(model), self.val_loader, self.device,
+                                     self.val_set.label_to_category, self.with_masks, self.amp_dtype)
+        finally:
+            model.train(was_training)
+        results = _gather(results, self.info)
+        metrics = coco_evaluate(self.val_gt, results, self.iou_types, image_ids=self.val_set.image_ids)
+        return {**flat_metrics(metrics), "count": len(self.val_set)}
+
+    def _describe_metrics(self, row: dict[str, Any]) -> list[str]:
+        parts = []
+        for prefix, name in (("", ""), ("ema_", "EMA ")):
+            if f"{prefix}bbox_mAP" in row:
+                text = f"{name}box mAP {row[f'{prefix}bbox_mAP']:.3f} mAP50 {row[f'{prefix}bbox_mAP50']:.3f}"
+                if f"{prefix}segm_mAP" in row:
+                    text += f", mask mAP {row[f'{prefix}segm_mAP']:.3f}"
+                parts.append(text)
+        return parts
+
+
+def train_detector(cfg: DetectionConfig) -> dict[str, Any]:
+    """Train (or fine-tune / resume) a detector as configured; returns the summary (also ``results.json``).
+
+    Raises:
+        DatasetError: missing/empty data, boxes-only data for mask_rcnn; ValueError: bad settings;
+        CheckpointError: unusable weights; TrainingDiverged: a NaN loss (the last good checkpoint is kept).
+    """
+    check_config(cfg)
+    return run_training(DetectionTrainer, cfg)
+
+
+def load_detector(source: str | Path, *, device: str | torch.device | None = None,
+                  use_ema: bool | None = None) -> nn.Module:
+    """A detector trained by ``fastervit detect train``, from its weights file, ``last.pt`` or run folder (eval
+    mode; ``class_names`` attribute). Raises CheckpointError for missing, corrupt or other-task files."""
+    return load_dense_model(source, "detection", device=device, use_ema=use_ema)
+
+
+def evaluate_detector(source: str | Path, data: str | Path, split: str = "val", *, ann_file: str | None = None,
+                      json_path: str | Path | None = None, device: str | None = None, fuse: bool = True,
+                      workers: int = 1) -> dict[str, dict[str, float]]:
+    """COCO box (and mask) mAP, mAP50, mAP75 of a trained detector on one split.
+
+    Returns:
+        ``{"bbox": {"mAP", "mAP50", "mAP75", ...}, "segm": {...}}`` (segm for Mask R-CNN), also written to
+        ``json_path`` when given.
+
+    Raises:
+        CheckpointError, DatasetError: unusable weights or data.
+    """
+    from ..data import LoaderOptions, build_eval_loader
+    from .data import collate_detection, eval_transforms
+    from .metrics import coco_evaluate
+
+    device_ = torch.device(device or "cpu")
+    model = load_detector(source, device=device_)
+    masks = model.build_config["kind"] == "mask_rcnn"
+    dataset = _split_data(Path(data).expanduser(), split, ann_file, masks, eval_transforms())
+    if model.class_names and list(dataset.class_names) != list(model.class_names):
+        logger.warning("the data's categories %s differ from the model's %s", dataset.class_names, model.class_names)
+    loader = build_eval_loader(dataset, dataset.transforms, 1, LoaderOptions(workers=workers),
+                               collate_fn=collate_detection)
+    runner = inference_copy(model) if fuse else model
+    results = detect_dataset(runner, loader, device_, dataset.label_to_category, masks)
+    iou_types = ("bbox", "segm") if masks else ("bbox",)
+    metrics = coco_evaluate(ground_truth(dataset), results, iou_types, image_ids=dataset.image_ids)
+    out = {iou: dict(values) for iou, values in metrics.items()}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _image_files(inputs: list[str | Path]) -> list[Path]:
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    if not files:
+        raise DatasetError(f"no images found in {', '.join(map(str, inputs))}")
+    return files
+
+
+@torch.inference_mode()
+def predict_detector(source: str | Path, inputs: list[str | Path], output: str | Path, *,
+                     score_threshold: float = 0.5, device: str | None = None, fuse: bool = True) -> dict[str, Any]:
+    """Detect objects in image files (or folders of them); write one PNG per image with the boxes (and masks)
+    drawn and ``detections.json`` (COCO-style results with ``file_name``; boxes ``[x, y, w, h]`` in pixels).
+
+    Returns:
+        ``{"images": n, "detections": total above the threshold, "json": path, "pngs": [paths], "skipped": [...]}``.
+
+    Raises:
+        CheckpointError: unusable weights; FileNotFoundError / DatasetError: no input images.
+    """
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from .metrics import to_coco_results
+    from .visualize import draw_detections, save_png
+
+    device_ = torch.device(device or "cpu")
+    model = load_detector(source, device=device_)
+    runner = inference_copy(model) if fuse else model
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    masks = model.build_config["kind"] == "mask_rcnn"
+    labels = {i: i for i in range(1, model.build_config["num_classes"] + 1)}
+    results, pngs, skipped = [], [], []
+    for image_id, path in enumerate(_image_files(inputs), start=1):
+        try:
+            image = pil_to_tensor(read_image(path)).float().div(255)
+        except ValueError as err:  # ImageDecodeError
+            skipped.append(f"{path}: {err}")
+            logger.warning("skipping %s: %s", path, err)
+            continue
+        output_ = runner([image.to(device_)])[0]
+        output_ = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output_.items()}
+        keep = output_["scores"] >= score_threshold
+        kept = {k: v[keep] for k, v in output_.items()}
+        for entry in to_coco_results([kept], [image_id], labels, masks=masks):
+            entry["file_name"] = str(path)
+            if model.class_names:
+                entry["category_name"] = model.class_names[entry["category_id"] - 1]
+            results.append(entry)
+        png = out_dir / f"{path.stem}.png"
+        save_png(draw_detections(image, kept, model.class_names, score_threshold), png)
+        pngs.append(str(png))
+    json_path = out_dir / "detections.json"
+    json_path.write_text(json.dumps(results, indent=1))
+    return {"images": len(pngs), "detections": len(results), "json": str(json_path), "pngs": pngs,
+            "skipped": skipped}

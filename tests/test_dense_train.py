@@ -1,0 +1,233 @@
+"""Detection and segmentation training on the shared trainer: real data, outputs, resume, CLI, clear failures.
+
+Small configurations (a tiny FasterViT, small inputs) so the whole file runs in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import load_file
+
+from open_fastervit.cli import main as cli_main
+from open_fastervit.data import DatasetError
+from open_fastervit.detection.train import DetectionConfig, evaluate_detector, load_detector, train_detector
+from open_fastervit.paths import data_path
+from open_fastervit.segmentation.train import SegmentationConfig, load_segmenter, train_segmenter
+from open_fastervit.serialization import CheckpointError
+
+REPO = Path(__file__).resolve().parent.parent
+ARCH = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate", "layer_scale",
+                                                     "do_propagation")}
+TREES = data_path("trees-neon")
+NUCLEI = data_path("nuclei-dsb2018")
+QUIET = dict(workers=0, progress=False, tensorboard=False, threads=2, seed=0)
+
+
+def _two_tile_coco(tmp_path: Path) -> Path:
+    """A COCO root whose train and val splits are the same two trees-neon tiles (for an overfit test)."""
+    source = json.loads((TREES / "annotations" / "instances_train.json").read_text())
+    images = source["images"][:2]
+    ids = {im["id"] for im in images}
+    subset = {"images": images, "categories": source["categories"],
+              "annotations": [a for a in source["annotations"] if a["image_id"] in ids]}
+    root = tmp_path / "two_tiles"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / split).mkdir()
+        for im in images:
+            (root / split / im["file_name"]).symlink_to(TREES / "train" / im["file_name"])
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(subset))
+    return root
+
+
+@pytest.fixture(scope="module")
+def detection_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("detect")
+    cfg = DetectionConfig(kind="faster_rcnn", data=str(TREES), model_kwargs=ARCH, min_size=[192, 224], max_size=256,
+                          anchor_sizes=[8, 16, 32, 64, 128], epochs=2, batch_size=2, train_images=8, lr=1e-3,
+                          output=str(out), checkpoint_steps=2, **QUIET)
+    return cfg, train_detector(cfg)
+
+
+def test_detection_run_writes_every_output(detection_run):
+    cfg, result = detection_run
+    out = Path(cfg.output)
+    for name in ("best.safetensors", "last.safetensors", "last.pt", "summary.csv", "curves.png", "results.json",
+                 "config.json"):
+        assert (out / name).is_file(), name
+    assert result["task"] == "detection" and result["metric"] == "bbox_mAP"
+    assert result["global_step"] == 2 * (8 // 2)
+    assert 0.0 <= result["best_bbox_mAP"] <= 1.0
+    assert result["final"]["bbox_mAP50"] >= 0.0 and "train_loss" in result["final"]
+    columns = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"bbox_mAP", "bbox_mAP50", "bbox_mAP75", "train_loss"} <= set(columns)
+
+
+def test_detection_weights_rebuild_and_reproduce_the_logged_map(detection_run):
+    cfg, result = detection_run
+    model = load_detector(cfg.output)  # the run folder: best.safetensors
+    assert model.class_names == ["tree"] and model.build_config["kind"] == "faster_rcnn"
+    metrics = evaluate_detector(cfg.output, TREES, "val")
+    best_epoch_row = result["final"] if result["best_epoch"] == 2 else None
+    if best_epoch_row is not None:
+        assert metrics["bbox"]["mAP"] == pytest.approx(best_epoch_row["bbox_mAP"], abs=1e-6)
+    plain = evaluate_detector(cfg.output, TREES, "val", fuse=False)  # the inference form changes nothing
+    assert plain["bbox"]["mAP50"] == pytest.approx(metrics["bbox"]["mAP50"], abs=2e-3)
+
+
+def test_detect_cli_evaluate_json_and_predict(detection_run, tmp_path, capsys):
+    cfg, _ = detection_run
+    target = tmp_path / "eval.json"
+    assert cli_main(["detect", "evaluate", cfg.output, "--data", str(TREES), "--json", str(target)]) == 0
+    written = json.loads(target.read_text())
+    assert set(written) == {"bbox"} and {"mAP", "mAP50", "mAP75"} <= set(written["bbox"])
+    pred = tmp_path / "pred"
+    tiles = sorted((TREES / "val").iterdir())[:2]
+    assert cli_main(["detect", "predict", cfg.output, *map(str, tiles), "--output", str(pred),
+                     "--score-threshold", "0.0"]) == 0
+    assert sorted(p.name for p in pred.glob("*.png")) == sorted(t.stem + ".png" for t in tiles)
+    results = json.loads((pred / "detections.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score", "file_name"} <= set(results[0])
+
+
+def test_detection_resume_continues_to_the_same_weights(detection_run, tmp_path):
+    """A run stopped after epoch 1 and resumed from last.pt ends with the uninterrupted run's weights."""
+    cfg, _ = detection_run
+    reference = dict(cfg.__dict__, output=str(tmp_path / "ref"), deterministic=True, threads=1)
+    train_detector(DetectionConfig(**reference))
+    first = dict(reference, output=str(tmp_path / "cut"), epochs=2)
+    first_cfg = DetectionConfig(**first)
+    # stop after epoch 1 by training a 2-epoch schedule for one epoch only: the trainer's resume point is last.pt
+    from open_fastervit.dense import DenseTrainer  # noqa: F401  (the hooks under test)
+    import open_fastervit.train as train_module
+
+    original = train_module.Trainer.end_epoch
+
+    def stop_after_first(self, epoch, *args):
+        row = original(self, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt
+        return row
+
+    train_module.Trainer.end_epoch = stop_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_detector(first_cfg)
+    finally:
+        train_module.Trainer.end_epoch = original
+    resumed = train_detector(DetectionConfig(**dict(first, resume=str(tmp_path / "cut" / "last.pt"))))
+    assert resumed["resumed_from"]
+    expected, got = load_file(tmp_path / "ref" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_detector_overfits_two_tiles(tmp_path):
+    """Trained and evaluated on the same two tree tiles (63 trees), Faster R-CNN reaches mAP50 > 0.5."""
+    root = _two_tile_coco(tmp_path)
+    cfg = DetectionConfig(kind="faster_rcnn", data=str(root), model_kwargs=ARCH, min_size=[400], max_size=400,
+                          anchor_sizes=[16, 32, 64, 128, 256], epochs=60, batch_size=2, lr=2e-3, warmup_epochs=3,
+                          eval_every=60, hflip=0.0, output=str(tmp_path / "run"), **QUIET)
+    result = train_detector(cfg)
+    losses = [row["train_loss"] for row in result_history(tmp_path / "run")]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result["final"]["bbox_mAP50"] > 0.5, result["final"]
+
+
+def result_history(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "summary.csv") as handle:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None) and k != "selected_weights"}
+                for row in csv.DictReader(handle)]
+
+
+def test_mask_rcnn_on_boxes_only_data_is_a_clear_error(tmp_path):
+    cfg = DetectionConfig(kind="mask_rcnn", data=str(TREES), model_kwargs=ARCH, epochs=1, output=str(tmp_path),
+                          **QUIET)
+    with pytest.raises(DatasetError, match="no segmentation masks"):
+        train_detector(cfg)
+
+
+def test_missing_annotations_and_wrong_task_files_are_clear_errors(tmp_path, detection_run):
+    with pytest.raises(DatasetError, match="instances_train.json does not exist"):
+        train_detector(DetectionConfig(data=str(tmp_path), model_kwargs=ARCH, output=str(tmp_path / "o"), **QUIET))
+    cfg, _ = detection_run
+    with pytest.raises(CheckpointError, match="expected a segmentation model"):
+        load_segmenter(cfg.output)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a file")
+    with pytest.raises(CheckpointError):
+        load_detector(junk)
+
+
+def test_mask_rcnn_trains_on_instance_folders():
+    """Mask R-CNN on nuclei instance masks (16-bit instance PNGs): one short epoch, finite loss, box and mask AP."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = DetectionConfig(kind="mask_rcnn", data=str(NUCLEI), model_kwargs=ARCH, min_size=[128], max_size=128,
+                              anchor_sizes=[8, 16, 32, 64, 128], epochs=1, batch_size=1, lr=1e-3, output=tmp, **QUIET)
+        result = train_detector(cfg)
+    assert result["global_step"] == 3
+    assert {"bbox_mAP", "segm_mAP", "segm_mAP50"} <= set(result["final"])
+
+
+@pytest.fixture(scope="module")
+def segmentation_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("segment")
+    cfg = SegmentationConfig(kind="fpn", data=str(NUCLEI), model_kwargs=ARCH, crop_size=96, batch_size=2, repeats=4,
+                             epochs=3, lr=2e-3, output=str(out), **QUIET)
+    return cfg, train_segmenter(cfg)
+
+
+def test_segmentation_run_learns_and_writes_every_output(segmentation_run):
+    cfg, result = segmentation_run
+    out = Path(cfg.output)
+    for name in ("best.safetensors", "last.pt", "summary.csv", "curves.png", "results.json"):
+        assert (out / name).is_file(), name
+    history = result_history(out)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert result["metric"] == "mIoU" and 0 < result["best_mIoU"] <= 1
+    assert {"pixel_accuracy", "IoU_background", "IoU_nucleus"} <= set(result["final"]) or \
+        {"pixel_accuracy"} <= set(result["final"])
+
+
+def test_segment_cli_evaluate_and_predict(segmentation_run, tmp_path):
+    cfg, result = segmentation_run
+    target = tmp_path / "eval.json"
+    assert cli_main(["segment", "evaluate", cfg.output, "--data", str(NUCLEI), "--json", str(target)]) == 0
+    written = json.loads(target.read_text())
+    assert {"mIoU", "pixel_accuracy", "per_class_iou"} <= set(written) and len(written["per_class_iou"]) == 2
+    if result["best_epoch"] == result["epochs"]:
+        assert written["mIoU"] == pytest.approx(result["best_mIoU"], abs=1e-6)
+    pred = tmp_path / "pred"
+    assert cli_main(["segment", "predict", cfg.output, str(NUCLEI / "val" / "images"), "--output", str(pred)]) == 0
+    names = sorted(p.name for p in pred.glob("*.png"))
+    assert len(names) == 2 and any(n.endswith("_mask.png") for n in names)
+    assert model_num_classes(cfg.output) == 2
+
+
+def model_num_classes(path: str) -> int:
+    return int(load_segmenter(path).build_config["num_classes"])
+
+
+def test_segment_train_cli_bad_data_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "open_fastervit.cli", "segment", "train", "--data",
+                           str(tmp_path / "nothing"), "--output", str(tmp_path / "o")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith("fastervit segment train: error:") and "Traceback" not in done.stderr
+
+
+def test_unknown_dense_subcommand():
+    assert cli_main(["detect", "fit"]) == 2
