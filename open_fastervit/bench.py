@@ -291,7 +291,10 @@ def official_to_ours_name(name: str) -> str | None:
 
 
 def source_of(name: str) -> str:
-    """Where a candidate comes from: ``official``, ``open_fastervit`` or ``timm``."""
+    """Where a candidate comes from: ``official``, ``open_fastervit``, ``timm`` or ``int8`` (a file of
+    ``fastervit quantize``)."""
+    if name.endswith(".onnx"):
+        return "int8"
     if name.startswith(OFFICIAL_PREFIX):
         return "official"
     return "open_fastervit" if name.startswith("fastervit_") else "timm"
@@ -316,6 +319,10 @@ def check_model_names(names: Sequence[str]) -> None:
     for name in names:
         if timm.is_model(name):
             continue
+        if source_of(name) == "int8":
+            if not Path(name).is_file():
+                raise BenchError(f"int8 model file {name} does not exist (write one with `fastervit quantize`)")
+            continue
         hint = ""
         if name.startswith(OFFICIAL_PREFIX):
             hint = " Official names are registered by the official package: add `--import fastervit`."
@@ -339,10 +346,20 @@ def create_candidate(name: str, size: int, config: BenchConfig, device: torch.de
     """Build one candidate on ``device``, in eval mode, able to run ``size`` px inputs; raise if it cannot.
 
     The official model is fixed at build time (``resolution=size``); timm models with a fixed input size
-    are rebuilt with ``img_size=size`` when the default build rejects the size.
+    are rebuilt with ``img_size=size`` when the default build rejects the size. An ``.onnx`` name is an int8 file
+    of ``fastervit quantize``, run by onnxruntime on CPU with torch's thread count (inference only: a run that
+    times training steps stops with a message).
     """
     import timm
 
+    if source_of(name) == "int8":
+        from open_fastervit.deploy.quantize import load_quantized
+
+        if config.train_batch > 0:
+            raise BenchError(f"{name} is an int8 inference model: pass --train-batch 0 to time it")
+        if device.type != "cpu":
+            raise BenchError(f"{name} runs in onnxruntime on CPU: pass --device cpu to time it")
+        return load_quantized(name)
     kwargs = {"num_classes": config.num_classes, **config.kwargs_for(name)}
     torch.manual_seed(config.seed)
     if source_of(name) == "official":

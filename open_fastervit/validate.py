@@ -146,12 +146,20 @@ def load_model(
 ) -> tuple[torch.nn.Module, dict]:
     """``open_fastervit.load_model`` as ``(model, info)``: ``checkpoint`` (architecture ``name``, else the file's),
     else model ``name`` (default :data:`DEFAULT_MODEL`) with its published weights, or random ones when
-    ``pretrained=False``. ``use_ema`` prefers a training checkpoint's EMA weights.
+    ``pretrained=False``. ``use_ema`` prefers a training checkpoint's EMA weights. A ``.onnx`` checkpoint is an int8
+    file of ``fastervit quantize``, opened by ``open_fastervit.deploy.quantize.load_quantized`` (architecture
+    arguments are its own).
 
     Raises:
         CheckpointError: see ``open_fastervit.load_model`` (offline without weights, bad file, misfit).
-        ValueError: unknown model name or bad architecture arguments.
+        ValueError: unknown model name or bad architecture arguments; a ``.onnx`` file that is not ours
+            (``QuantizeError``).
     """
+    if checkpoint is not None and str(checkpoint).endswith(".onnx"):
+        from open_fastervit.deploy.quantize import load_quantized
+
+        model = load_quantized(checkpoint)
+        return model, dict(model.weights_info)
     if checkpoint is not None:
         model = loading.load_model(checkpoint, architecture=name, model_kwargs=model_kwargs,
                                    use_ema=None if use_ema else False)

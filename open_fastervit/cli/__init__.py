@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "bench": "throughput/latency/memory against the official model and peers",
     "convert": "convert an official .pth.tar checkpoint to safetensors",
     "export": "export to ONNX or a torch.export .pt2 (dynamic batch and size), checked",
+    "quantize": "int8 static quantization for CPU (onnxruntime), calibrated on real images",
     "models": "list the published architectures",
 }
 

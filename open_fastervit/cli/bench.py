@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                "convnext_tiny --batch-sizes 1,16 --train-batch 8 --amp none,bf16")
     p.add_argument("--models", type=_str_list, default=list(DEFAULT_MODELS), metavar="LIST",
                    help="comma-separated candidates: ours (fastervit_0), timm (convnext_tiny), official "
-                        f"(faster_vit_0_224, needs --import fastervit); default: {','.join(DEFAULT_MODELS)}")
+                        "(faster_vit_0_224, needs --import fastervit), int8 files of `fastervit quantize` (PATH.onnx: "
+                        f"CPU, --train-batch 0); default: {','.join(DEFAULT_MODELS)}")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (timm plug-ins registering models); repeatable")
     p.add_argument("--model-kwargs", action="append", default=[], metavar="JSON",

@@ -14,7 +14,8 @@ from open_fastervit.validate import AMP_DTYPES, validate
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastervit validate",
-        description="Top-1/top-5 accuracy and loss of a model or checkpoint on an image dataset.",
+        description="Top-1/top-5 accuracy and loss of a model or checkpoint on an image dataset (--checkpoint also "
+        "takes an int8 .onnx file of `fastervit quantize`).",
     )
     parser.add_argument("data", help="ImageFolder root (with a SPLIT sub-folder) or a folder with labels.csv")
     add_model_args(parser)
