@@ -4,6 +4,7 @@ Importing the package registers the published models with timm (``timm.create_mo
 """
 
 from . import plugins  # noqa: F401  (registers the hat_swin_* models with timm)
+from .backbone import FasterViTBackbone, create_backbone
 from .convert import checkpoint_filter_fn, official_to_ours
 from .deploy.export import export_model, load_exported
 from .deploy.hub import push_to_hub, save_pretrained
@@ -18,12 +19,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FasterViT",
+    "FasterViTBackbone",
     "MIN_INPUT_SIZE",
     "MODEL_NAMES",
     "OFFICIAL_NAMES",
     "PUBLISHED",
     "CheckpointError",
     "checkpoint_filter_fn",
+    "create_backbone",
     "create_model",
     "export_model",
     "inference_form",

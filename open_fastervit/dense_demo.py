@@ -47,7 +47,7 @@ class DenseDemoConfig:
     epochs: int | None = None  # a fixed number of epochs instead
     max_epochs: int = 200
     quick: bool = False
-    workers: int = 1
+    workers: int = 0  # loading in the training process: both cores compute (the images are small)
     seed: int = 0
     backbone_checkpoint: str | None = None
     progress: bool = True
@@ -69,8 +69,9 @@ def _task_config(cfg: DenseDemoConfig, data: Path, out: Path, epochs: int) -> An
         from .detection.train import DetectionConfig
 
         return DetectionConfig(kind="faster_rcnn", min_size=[352, 384, 416, 448], max_size=448,
-                               anchor_sizes=[16, 32, 64, 128, 256], batch_size=2, lr=4e-4, weight_decay=0.05,
-                               crop="random", detections_per_img=200, **common)
+                               anchor_sizes=[16, 32, 64, 128, 256], fpn_channels=128, box_head_channels=256,
+                               rois_per_image=256, batch_size=2, lr=4e-4, weight_decay=0.05, crop="random",
+                               detections_per_img=200, **common)
     from .segmentation.train import SegmentationConfig
 
     return SegmentationConfig(kind="fpn", crop_size=256, decoder_channels=128, batch_size=4, repeats=8, lr=1e-3,

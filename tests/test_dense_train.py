@@ -51,9 +51,10 @@ def _two_tile_coco(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def detection_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("detect")
-    cfg = DetectionConfig(kind="faster_rcnn", data=str(TREES), model_kwargs=ARCH, min_size=[192, 224], max_size=256,
-                          anchor_sizes=[8, 16, 32, 64, 128], epochs=2, batch_size=2, train_images=8, lr=1e-3,
-                          output=str(out), checkpoint_steps=2, **QUIET)
+    cfg = DetectionConfig(kind="faster_rcnn", data=str(TREES), model_kwargs=ARCH, min_size=[128, 160], max_size=160,
+                          anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=32, box_head_channels=64, rois_per_image=64,
+                          epochs=2, batch_size=2, train_images=8, lr=1e-3, output=str(out), checkpoint_steps=2,
+                          **QUIET)
     return cfg, train_detector(cfg)
 
 
@@ -99,43 +100,43 @@ def test_detect_cli_evaluate_json_and_predict(detection_run, tmp_path, capsys):
 
 
 def test_detection_resume_continues_to_the_same_weights(detection_run, tmp_path):
-    """A run stopped after epoch 1 and resumed from last.pt ends with the uninterrupted run's weights."""
-    cfg, _ = detection_run
-    reference = dict(cfg.__dict__, output=str(tmp_path / "ref"), deterministic=True, threads=1)
-    train_detector(DetectionConfig(**reference))
-    first = dict(reference, output=str(tmp_path / "cut"), epochs=2)
-    first_cfg = DetectionConfig(**first)
-    # stop after epoch 1 by training a 2-epoch schedule for one epoch only: the trainer's resume point is last.pt
-    from open_fastervit.dense import DenseTrainer  # noqa: F401  (the hooks under test)
+    """A run killed right after its first mid-epoch step checkpoint (as by SIGKILL: nothing after the write runs)
+    and resumed from last.pt ends with the uninterrupted run's weights, bit for bit."""
     import open_fastervit.train as train_module
 
-    original = train_module.Trainer.end_epoch
+    cfg, _ = detection_run
+    reference = dict(cfg.__dict__, output=str(tmp_path / "ref"), deterministic=True, threads=1)
+    expected_result = train_detector(DetectionConfig(**reference))
+    cut = dict(reference, output=str(tmp_path / "cut"))
+    original = train_module.Trainer.save
 
-    def stop_after_first(self, epoch, *args):
-        row = original(self, epoch, *args)
-        if epoch == 0:
-            raise KeyboardInterrupt
-        return row
+    def save_then_die(self):
+        original(self)
+        if self.progress.step_in_epoch > 0:
+            raise KeyboardInterrupt  # the process dies here
 
-    train_module.Trainer.end_epoch = stop_after_first
+    train_module.Trainer.save = save_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
-            train_detector(first_cfg)
+            train_detector(DetectionConfig(**cut))
     finally:
-        train_module.Trainer.end_epoch = original
-    resumed = train_detector(DetectionConfig(**dict(first, resume=str(tmp_path / "cut" / "last.pt"))))
-    assert resumed["resumed_from"]
+        train_module.Trainer.save = original
+    assert not (tmp_path / "cut" / "results.json").exists()
+    resumed = train_detector(DetectionConfig(**dict(cut, resume=str(tmp_path / "cut" / "last.pt"))))
+    assert resumed["resumed_from"] and resumed["global_step"] == expected_result["global_step"]
     expected, got = load_file(tmp_path / "ref" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed["final"]["bbox_mAP"] == expected_result["final"]["bbox_mAP"]
 
 
 def test_a_detector_overfits_two_tiles(tmp_path):
     """Trained and evaluated on the same two tree tiles (63 trees), Faster R-CNN reaches mAP50 > 0.5."""
     root = _two_tile_coco(tmp_path)
     cfg = DetectionConfig(kind="faster_rcnn", data=str(root), model_kwargs=ARCH, min_size=[400], max_size=400,
-                          anchor_sizes=[16, 32, 64, 128, 256], epochs=60, batch_size=2, lr=2e-3, warmup_epochs=3,
-                          eval_every=60, hflip=0.0, output=str(tmp_path / "run"), **QUIET)
+                          anchor_sizes=[16, 32, 64, 128, 256], fpn_channels=64, box_head_channels=128,
+                          rois_per_image=128, epochs=60, batch_size=2, lr=2e-3, warmup_epochs=3, eval_every=60,
+                          hflip=0.0, output=str(tmp_path / "run"), **QUIET)
     result = train_detector(cfg)
     losses = [row["train_loss"] for row in result_history(tmp_path / "run")]
     assert losses[-1] < 0.5 * losses[0]
@@ -175,7 +176,9 @@ def test_mask_rcnn_trains_on_instance_folders():
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DetectionConfig(kind="mask_rcnn", data=str(NUCLEI), model_kwargs=ARCH, min_size=[128], max_size=128,
-                              anchor_sizes=[8, 16, 32, 64, 128], epochs=1, batch_size=1, lr=1e-3, output=tmp, **QUIET)
+                              anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=32, box_head_channels=64,
+                              mask_head_channels=32, rois_per_image=64, epochs=1, batch_size=1, lr=1e-3, output=tmp,
+                              **QUIET)
         result = train_detector(cfg)
     assert result["global_step"] == 3
     assert {"bbox_mAP", "segm_mAP", "segm_mAP50"} <= set(result["final"])
@@ -231,3 +234,36 @@ def test_segment_train_cli_bad_data_is_one_line(tmp_path):
 
 def test_unknown_dense_subcommand():
     assert cli_main(["detect", "fit"]) == 2
+
+
+def test_segmentation_under_torchrun_with_two_cpu_ranks(tmp_path):
+    """DDP (gloo, 2 processes): the ranks stay bit-identical, the global batch is 2 x batch, metrics are reduced."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "open_fastervit.cli", "segment", "train", "--data", str(NUCLEI),
+               "--kind", "fpn", "--model-kwargs", json.dumps(ARCH), "--crop-size", "64", "--batch-size", "2",
+               "--repeats", "4", "--epochs", "2", "--lr", "1e-3", "--workers", "0", "--no-progress",
+               "--no-tensorboard", "--output", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["world_size"] == 2 and result["global_batch"] == 4 and result["global_step"] == 2 * (12 // 4)
+    assert result["rank_divergence"] == 0.0
+    assert 0 <= result["final"]["mIoU"] <= 1
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_dense_demo_quick_runs_the_whole_pipeline(task, tmp_path):
+    from open_fastervit.dense_demo import DenseDemoConfig, run_dense_demo
+
+    facts = run_dense_demo(DenseDemoConfig(task=task, quick=True, output=str(tmp_path), workers=0, progress=False))
+    for name in ("REPORT.md", "report.json", "predictions.png", "evaluate.json"):
+        assert (tmp_path / name).is_file(), name
+    assert facts["epochs"] == 1
+    report = (tmp_path / "REPORT.md").read_text()
+    assert ("mAP50" in report) if task == "detection" else ("mIoU" in report)

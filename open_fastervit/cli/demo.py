@@ -62,7 +62,7 @@ def _dense(args: argparse.Namespace) -> int:
     from open_fastervit.data import DatasetError
 
     cfg = DenseDemoConfig(task=args.task, data=args.data, output=args.output, quick=args.quick, epochs=args.epochs,
-                          minutes=args.minutes or DenseDemoConfig.minutes, workers=min(args.workers, 1),
+                          minutes=args.minutes or DenseDemoConfig.minutes, workers=0,
                           seed=args.seed, backbone_checkpoint=args.backbone_checkpoint)
     try:
         facts = run_dense_demo(cfg)

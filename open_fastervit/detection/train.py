@@ -64,6 +64,9 @@ class DetectionConfig(DenseConfig):
     crop: str | None = _opt(None, "random crop: None, 'iou' (SSD IoU crop) or 'random' (30-100% of the area)")
     fpn_channels: int = _opt(256, "channels of the feature pyramid")
     anchor_sizes: list | None = _opt(None, "anchor size per pyramid level in pixels (default 32..512)")
+    box_head_channels: int | None = _opt(None, "R-CNNs: width of the box head's two-layer MLP (default 1024)")
+    mask_head_channels: int | None = _opt(None, "Mask R-CNN: channels of the mask head (default 256)")
+    rois_per_image: int = _opt(512, "R-CNNs: sampled RoIs per image for the box head loss (torchvision: 512)")
     detections_per_img: int = _opt(100, "detections kept per image")
     score_thresh: float = _opt(0.05, "detections scoring below are dropped (evaluation keeps low scores for AP)")
     output: str = _opt("runs/detect", "output folder")
@@ -188,7 +191,10 @@ class DetectionTrainer(DenseTrainer):
             backbone_kwargs["checkpoint"] = cfg.backbone_checkpoint
         extra: dict[str, Any] = {}
         if cfg.kind.replace("-", "_") in ("mask_rcnn", "faster_rcnn"):
-            extra = {"box_detections_per_img": cfg.detections_per_img, "box_score_thresh": cfg.score_thresh}
+            extra = {"box_detections_per_img": cfg.detections_per_img, "box_score_thresh": cfg.score_thresh,
+                     "box_batch_size_per_image": cfg.rois_per_image, "box_head_channels": cfg.box_head_channels}
+            if cfg.kind.replace("-", "_") == "mask_rcnn":
+                extra["mask_head_channels"] = cfg.mask_head_channels
         else:
             extra = {"detections_per_img": cfg.detections_per_img, "score_thresh": cfg.score_thresh}
         min_size = tuple(int(s) for s in cfg.min_size)
