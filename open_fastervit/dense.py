@@ -21,7 +21,7 @@ from torch import nn
 
 from .backbone import FasterViTBackbone
 from .serialization import CheckpointError, read_weights
-from .train import RunConfig, Trainer, _log, _opt, _seed_everything, _subset
+from .train import RunConfig, Trainer, _log, _opt, _seed_everything, _subset, json_safe
 
 __all__ = ["DenseConfig", "DenseTrainer", "find_backbone", "inference_copy", "load_dense_model"]
 
@@ -118,6 +118,7 @@ class DenseTrainer(Trainer):
         indices = _subset(len(self.train_set), cfg.train_images, cfg.seed) or list(range(len(self.train_set)))
         if cfg.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {cfg.repeats}")
+        self.samples_per_epoch = len(indices) * cfg.repeats
         self.train_loader = build_train_loader(
             self.train_set, self.train_set.transforms, cfg.batch_size, options, world_size=info.world_size,
             rank=info.rank, accum_steps=cfg.accum_steps, seed=cfg.seed, indices=indices * cfg.repeats,
@@ -192,7 +193,7 @@ class DenseTrainer(Trainer):
         pass
 
     def _state(self) -> dict[str, Any]:
-        return {**super()._state(), "task": self.task, "build_config": self.build_config}
+        return {**super()._state(), **self._weights_metadata()}
 
     def _weights_metadata(self) -> dict[str, Any]:
         return {"task": self.task, "architecture": self.cfg.model, "build_config": self.build_config}
@@ -201,7 +202,7 @@ class DenseTrainer(Trainer):
         cfg, info = self.cfg, self.info
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return (f"training {self.build_config.get('kind')} on {cfg.model} ({params:.2f}M params, {self.num_classes} "
-                f"classes, {len(self.train_set)} training images): {info.world_size} process(es) x batch "
+                f"classes, {self.samples_per_epoch} training samples per epoch): {info.world_size} process(es) x batch "
                 f"{cfg.batch_size} x accum {cfg.accum_steps} = global batch {self.global_batch}, lr {self.lr:.3g}, "
                 f"{self.steps_per_epoch} steps/epoch, {self.num_epochs} epochs, device {self.device}"
                 + (f" ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else ""))
@@ -213,7 +214,7 @@ class DenseTrainer(Trainer):
         result.pop("head_reinitialised", None)
         result["reinitialised"] = self.reinitialised
         if self.info.is_primary:
-            (self.out / "results.json").write_text(json.dumps(result, indent=2))
+            (self.out / "results.json").write_text(json.dumps(json_safe(result), indent=2))
         return result
 
     # -- task hooks
@@ -286,6 +287,8 @@ def load_dense_model(source: str | Path, task: str, *, device: str | torch.devic
     model.load_state_dict(state)
     names = meta.get("class_names")
     model.class_names = list(names) if isinstance(names, list) else None
+    categories = meta.get("category_ids")  # detection: the COCO category id of each label 1..K
+    model.category_ids = [int(c) for c in categories] if isinstance(categories, list) else None
     model.weights_info = {"file": str(path), "weights": meta.get("weights"), "task": task}
     if device is not None:
         model = model.to(device)

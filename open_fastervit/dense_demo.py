@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -64,13 +65,13 @@ def _task_config(cfg: DenseDemoConfig, data: Path, out: Path, epochs: int) -> An
     common = dict(data=str(data), model="fastervit_0", model_kwargs=dict(cfg.model_kwargs), epochs=epochs,
                   output=str(out / "run"), workers=cfg.workers, seed=cfg.seed, progress=cfg.progress,
                   backbone_checkpoint=cfg.backbone_checkpoint, opt="adamw", clip_grad=1.0, hflip=0.5, vflip=0.5,
-                  eval_every=max(1, epochs // 8), tensorboard=True)
+                  eval_every=max(1, epochs // 4), tensorboard=True)
     if cfg.task == "detection":
         from .detection.train import DetectionConfig
 
         return DetectionConfig(kind="faster_rcnn", min_size=[352, 384, 416, 448], max_size=448,
                                anchor_sizes=[16, 32, 64, 128, 256], fpn_channels=128, box_head_channels=256,
-                               rois_per_image=256, batch_size=2, lr=4e-4, weight_decay=0.05, crop="random",
+                               rois_per_image=256, batch_size=2, lr=2e-3, weight_decay=0.05, crop="random",
                                detections_per_img=200, **common)
     from .segmentation.train import SegmentationConfig
 
@@ -78,15 +79,23 @@ def _task_config(cfg: DenseDemoConfig, data: Path, out: Path, epochs: int) -> An
                               weight_decay=0.01, **common)
 
 
-def _probe_seconds_per_step(task_cfg: Any, steps: int = 3) -> float:
-    """Seconds per optimizer step of the demo's run, from a short training run on the real data (2 epochs
-    capped at a few steps are not possible with the trainer, so one tiny run with ``train_images``)."""
-    probe = replace(task_cfg, epochs=1, output=str(Path(task_cfg.output).parent / "probe"), val_split="",
-                    train_images=task_cfg.batch_size * steps, repeats=1, progress=False, tensorboard=False,
-                    eval_every=1)
-    start = time.perf_counter()
-    _train(probe)
-    return (time.perf_counter() - start) / steps
+def _short_run(task_cfg: Any, images: int, steps: int) -> Any:
+    """``task_cfg`` cut to about ``steps`` optimizer steps per epoch over a dataset of ``images`` images (a subset,
+    or repeats of a dataset smaller than that many batches)."""
+    wanted = task_cfg.batch_size * steps
+    if images >= wanted:
+        return replace(task_cfg, train_images=wanted, repeats=1)
+    return replace(task_cfg, train_images=0, repeats=-(-wanted // images))
+
+
+def _probe_seconds_per_step(task_cfg: Any, images: int, steps: int = 4) -> float:
+    """Seconds per optimizer step of the demo's run on this machine: a one-epoch run of about ``steps`` steps on
+    the real data (no evaluation), timed by the trainer itself (the epoch's time, without building the model)."""
+    probe = replace(_short_run(task_cfg, images, steps), epochs=1, output=str(Path(task_cfg.output).parent / "probe"),
+                    val_split="", progress=False, tensorboard=False, eval_every=1)
+    result = _train(probe)
+    shutil.rmtree(probe.output, ignore_errors=True)
+    return float(result["final"]["seconds"]) / max(1, int(result["global_step"]))
 
 
 def _train(task_cfg: Any) -> dict[str, Any]:
@@ -99,20 +108,22 @@ def _train(task_cfg: Any) -> dict[str, Any]:
     return train_segmenter(task_cfg)
 
 
-def _steps_per_epoch(cfg: DenseDemoConfig, task_cfg: Any, data: Path) -> int:
+def _train_images(cfg: DenseDemoConfig, data: Path) -> int:
     split = data / "train"
-    count = len([p for p in split.iterdir() if p.is_file()]) if cfg.task == "detection" else \
-        len(list((split / "images").iterdir()))
-    return max(1, count * getattr(task_cfg, "repeats", 1) // task_cfg.batch_size)
+    if cfg.task == "detection":
+        return len([p for p in split.iterdir() if p.is_file()])
+    return len(list((split / "images").iterdir()))
 
 
 def plan_epochs(cfg: DenseDemoConfig, task_cfg: Any, data: Path) -> tuple[int, float | None]:
     """``cfg.epochs`` if given, else as many epochs as fit ``cfg.minutes`` (probe time per step x steps per epoch,
-    plus 15 % for evaluation and checkpoints). Returns (epochs, estimated seconds per epoch)."""
+    plus 10 % for evaluation and checkpoints). Returns (epochs, estimated seconds per epoch)."""
     if cfg.epochs:
         return cfg.epochs, None
-    per_step = _probe_seconds_per_step(task_cfg)
-    epoch_seconds = 1.15 * per_step * _steps_per_epoch(cfg, task_cfg, data)
+    images = _train_images(cfg, data)
+    per_step = _probe_seconds_per_step(task_cfg, images)
+    steps = max(1, images * getattr(task_cfg, "repeats", 1) // task_cfg.batch_size)
+    epoch_seconds = 1.1 * per_step * steps
     return max(1, min(cfg.max_epochs, int(60 * cfg.minutes / epoch_seconds))), epoch_seconds
 
 
@@ -204,10 +215,10 @@ def run_dense_demo(cfg: DenseDemoConfig) -> dict[str, Any]:
         cfg = replace(cfg, epochs=cfg.epochs or 1)
     task_cfg = _task_config(cfg, data, out, 1)
     if cfg.quick:
-        task_cfg = replace(task_cfg, train_images=2 * task_cfg.batch_size, repeats=1)
+        task_cfg = _short_run(task_cfg, _train_images(cfg, data), 2)
     _log(cfg, "timing a few training steps to plan the epochs" if not cfg.epochs else f"{cfg.epochs} epoch(s)")
     epochs, epoch_seconds = plan_epochs(cfg, task_cfg, data)
-    task_cfg = replace(task_cfg, epochs=epochs, eval_every=max(1, epochs // 8))
+    task_cfg = replace(task_cfg, epochs=epochs, eval_every=max(1, epochs // 4))
     if epoch_seconds:
         _log(cfg, f"~{epoch_seconds:.1f} s per epoch: {epochs} epochs fit {cfg.minutes:g} min")
     train_start = time.perf_counter()

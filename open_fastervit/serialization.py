@@ -56,7 +56,8 @@ HEAD_POLICIES = ("keep", "resize", "reinit")
 EMA_KEYS = ("state_dict_ema", "model_ema")
 RAW_KEYS = ("state_dict", "model")
 #: Metadata keys of a checkpoint dict (or safetensors metadata, JSON-encoded) that loading uses.
-META_KEYS = ("class_names", "data_config", "model_kwargs", "img_size", "architecture", "task", "build_config")
+META_KEYS = ("class_names", "data_config", "model_kwargs", "img_size", "architecture", "task", "build_config",
+             "category_ids")
 #: Weight files looked for in a Hugging Face / timm folder (``config.json`` + weights), in order.
 FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 

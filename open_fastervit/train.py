@@ -530,6 +530,18 @@ def _unused_parameters(model: nn.Module, input_size: tuple[int, ...], device: to
 # ---- results ------------------------------------------------------------------------------------------------
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (null), so the file is strict JSON (JavaScript's ``JSON.parse``
+    rejects NaN); the Python result dict keeps its NaNs."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_summary_csv(history: list[dict[str, Any]], path: Path) -> None:
     """One row per epoch (columns: the union of the rows' keys, in first-seen order), written atomically."""
     from .weights import atomic_write
@@ -1136,7 +1148,7 @@ class Trainer:
                               for name, reason in self.auto_reasons.items()},
         }
         if self.info.is_primary:
-            (self.out / "results.json").write_text(json.dumps(result, indent=2))
+            (self.out / "results.json").write_text(json.dumps(json_safe(result), indent=2))
         return result
 
 

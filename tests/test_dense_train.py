@@ -267,3 +267,90 @@ def test_dense_demo_quick_runs_the_whole_pipeline(task, tmp_path):
     assert facts["epochs"] == 1
     report = (tmp_path / "REPORT.md").read_text()
     assert ("mAP50" in report) if task == "detection" else ("mIoU" in report)
+
+
+def _faulty_coco(tmp_path: Path) -> Path:
+    """Two trees-neon tiles with a box partly outside, one outside, one degenerate, and a missing third image;
+    categories with non-contiguous COCO ids (3: pine, 7: oak)."""
+    from PIL import Image
+
+    source = json.loads((TREES / "annotations" / "instances_val.json").read_text())
+    images = source["images"][:2] + [{"id": 99, "file_name": "missing.jpg", "width": 400, "height": 400}]
+    ids = {im["id"] for im in images}
+    anns = [dict(a, category_id=3 if i % 2 else 7) for i, a in enumerate(source["annotations"]) if a["image_id"] in ids]
+    first = images[0]["id"]
+    anns += [dict(id=10_001, image_id=first, category_id=3, bbox=[380.0, 10.0, 40.0, 30.0], area=1200.0, iscrowd=0),
+             dict(id=10_002, image_id=first, category_id=3, bbox=[450.0, 10.0, 20.0, 20.0], area=400.0, iscrowd=0),
+             dict(id=10_003, image_id=first, category_id=7, bbox=[10.0, 10.0, 0.0, 20.0], area=0.0, iscrowd=0)]
+    root = tmp_path / "faulty"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val").mkdir()
+    for im in images[:2]:
+        Image.open(TREES / "val" / im["file_name"]).save(root / "val" / im["file_name"])
+    data = {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "pine"}, {"id": 7, "name": "oak"}]}
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(data))
+    return root
+
+
+def test_evaluation_scores_the_cleaned_annotations(tmp_path):
+    """Boxes clipped or dropped by the dataset are scored as the dataset trains on them: its own targets as
+    predictions give mAP 1.0 exactly (against the raw json, the clipped edge box would count as a miss)."""
+    from open_fastervit.detection.data import CocoDetection
+    from open_fastervit.detection.metrics import coco_evaluate, to_coco_results
+    from open_fastervit.detection.train import ground_truth
+
+    root = _faulty_coco(tmp_path)
+    dataset = CocoDetection(root / "val", root / "annotations" / "instances_val.json")
+    assert len(dataset) == 2 and any("clipped" in p for p in dataset.problems)
+    outputs, ids = [], []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        n = len(target["labels"])
+        outputs.append({"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"],
+                        "scores": torch.ones(n)})
+        ids.append(target["image_id"])
+    results = to_coco_results(outputs, ids, dataset.label_to_category)
+    metrics = coco_evaluate(ground_truth(dataset), results, image_ids=dataset.image_ids)
+    assert metrics["bbox"]["mAP"] == pytest.approx(1.0)
+
+
+def test_an_unreadable_image_is_left_out_of_evaluation_not_counted_twice():
+    """The dataset replaces an unreadable image by its neighbour; evaluation drops the repeat."""
+    from open_fastervit.detection.train import detect_dataset
+
+    class Echo(torch.nn.Module):
+        def forward(self, images):
+            return [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]),
+                     "scores": torch.tensor([0.9])} for _ in images]
+
+    image = torch.zeros(3, 16, 16)
+    loader = [([image], [{"image_id": 3}]), ([image], [{"image_id": 3}]), ([image, image], [{"image_id": 3},
+                                                                                            {"image_id": 4}])]
+    results, seen = detect_dataset(Echo(), loader, torch.device("cpu"), {1: 1}, masks=False)
+    assert seen == [3, 4] and [r["image_id"] for r in results] == [3, 4]
+
+
+def test_predict_writes_coco_category_ids_and_never_overwrites(tmp_path):
+    from open_fastervit.detection.train import predict_detector
+
+    root = _faulty_coco(tmp_path)
+    for split in ("train",):
+        (root / split).symlink_to(root / "val")
+        (root / "annotations" / f"instances_{split}.json").symlink_to(root / "annotations" / "instances_val.json")
+    cfg = DetectionConfig(kind="retinanet", data=str(root), model_kwargs=ARCH, min_size=[96], max_size=96,
+                          fpn_channels=32, epochs=1, batch_size=2, lr=1e-3, output=str(tmp_path / "run"), **QUIET)
+    train_detector(cfg)
+    from PIL import Image
+
+    inputs = tmp_path / "inputs"
+    (inputs / "sub").mkdir(parents=True)
+    tile = next((root / "val").iterdir())
+    for target in (inputs / "tile.jpg", inputs / "sub" / "tile.jpg", inputs / "tile.png"):
+        Image.open(tile).save(target)
+    Image.new("RGB", (20, 20)).save(inputs / "small.png")
+    summary = predict_detector(tmp_path / "run", [inputs], tmp_path / "pred", score_threshold=0.0)
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == [
+        "small.png", "tile.png", "tile_2.png", "tile_3.png"]  # detection resizes small images itself
+    results = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {3, 7}
+    assert {r["category_name"] for r in results} <= {"pine", "oak"} and summary["images"] == 4

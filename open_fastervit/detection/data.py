@@ -329,6 +329,30 @@ class CocoDetection(_SkippingDataset):
         return {"box": (x1, y1, x2, y2), "label": self._category_to_label[ann["category_id"]], "area": area,
                 "ann": ann if segm_ok else None}
 
+    def evaluation_coco(self) -> COCO:
+        """The ground truth as this dataset sees it, for ``coco_evaluate``: the usable images, and their annotations
+        as cleaned at construction (boxes clipped to the image, degenerate / outside / malformed ones and unknown
+        categories dropped); crowd regions are kept as ``iscrowd=1`` so COCOeval ignores detections on them. A
+        detection of a clipped object at the image edge therefore matches its clipped box."""
+        images, annotations = [], []
+        kept_ids = {r["id"] for r in self._records}
+        for record in self._records:
+            images.append({"id": record["id"], "file_name": str(Path(record["file"]).name),
+                           "width": record["width"], "height": record["height"]})
+            for a in record["annotations"]:
+                x1, y1, x2, y2 = a["box"]
+                entry = {"id": len(annotations) + 1, "image_id": record["id"], "iscrowd": 0,
+                         "category_id": self.label_to_category[a["label"]], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "area": a["area"]}
+                if a["ann"] is not None and a["ann"].get("segmentation") is not None:
+                    entry["segmentation"] = a["ann"]["segmentation"]
+                annotations.append(entry)
+        for ann in self.coco.dataset.get("annotations", []):
+            if ann.get("iscrowd", 0) and ann.get("image_id") in kept_ids and isinstance(ann.get("bbox"), list):
+                annotations.append({**ann, "id": len(annotations) + 1})
+        categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names)]
+        return _quiet_coco({"images": images, "annotations": annotations, "categories": categories})
+
     def __len__(self) -> int:
         return len(self._records)
 

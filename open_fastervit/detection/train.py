@@ -68,7 +68,8 @@ class DetectionConfig(DenseConfig):
     mask_head_channels: int | None = _opt(None, "Mask R-CNN: channels of the mask head (default 256)")
     rois_per_image: int = _opt(512, "R-CNNs: sampled RoIs per image for the box head loss (torchvision: 512)")
     detections_per_img: int = _opt(100, "detections kept per image")
-    score_thresh: float = _opt(0.05, "detections scoring below are dropped (evaluation keeps low scores for AP)")
+    score_thresh: float = _opt(0.05, "detections scoring below are dropped, in validation too (the usual COCO "
+                                     "practice: 0.05; predict may lower it)")
     output: str = _opt("runs/detect", "output folder")
 
 
@@ -81,7 +82,8 @@ def _split_data(root: Path, split: str, ann: str | None, masks: bool, transforms
     ann_file = Path(ann) if ann else root / "annotations" / f"instances_{split}.json"
     if not ann_file.is_file():
         raise DatasetError(f"no annotations for split {split!r}: {ann_file} does not exist (and {root / split} holds "
-                           "no images/ + instances/ folders); pass the json with train_ann / val_ann")
+                           "no images/ + instances/ folders); pass the json (train: --train-ann / --val-ann; "
+                           "evaluate: --ann)")
     images = root / split if (root / split).is_dir() else root
     return CocoDetection(images, ann_file, transforms, masks=masks)
 
@@ -107,24 +109,19 @@ def open_detection_data(cfg: DetectionConfig, masks: bool) -> tuple[Any, Any]:
         if list(val_set.class_names) != list(train_set.class_names):
             raise DatasetError(f"the {cfg.train_split!r} and {cfg.val_split!r} splits have different categories: "
                                f"{train_set.class_names} vs {val_set.class_names}")
-    for dataset in (train_set, val_set):
-        for problem in getattr(dataset, "problems", [])[:5] if dataset is not None else []:
-            logger.warning("data: %s", problem)
-    return train_set, val_set
+    return train_set, val_set  # the datasets log their own findings
 
 
 def ground_truth(dataset: Any) -> Any:
-    """The pycocotools ``COCO`` ground truth of a dataset (written to a temporary json for instance folders)."""
-    coco = getattr(dataset, "coco", None)
-    if coco is not None:
-        return coco
-    from pycocotools.coco import COCO
-
-    from .data import instance_folder_to_coco
+    """The pycocotools ``COCO`` ground truth of a dataset as it loads it: a COCO dataset's annotations as cleaned at
+    construction (``CocoDetection.evaluation_coco``), an instance folder's masks written as a temporary json."""
+    if hasattr(dataset, "evaluation_coco"):
+        return dataset.evaluation_coco()
+    from .data import _quiet_coco, instance_folder_to_coco
 
     with tempfile.TemporaryDirectory() as tmp:
         path = instance_folder_to_coco(dataset.root, dataset.split, Path(tmp) / "gt.json")
-        return COCO(str(path))
+        return _quiet_coco(json.loads(Path(path).read_text()))
 
 
 def _has_masks(dataset: Any) -> bool:
@@ -135,28 +132,37 @@ def _has_masks(dataset: Any) -> bool:
 
 @torch.inference_mode()
 def detect_dataset(model: nn.Module, loader: Any, device: torch.device, label_to_category: dict[int, int],
-                   masks: bool, amp_dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
-    """COCO results of ``model`` (eval mode) over ``loader``'s ``(images, targets)`` batches."""
+                   masks: bool, amp_dtype: torch.dtype | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+    """COCO results of ``model`` (eval mode) over ``loader``'s ``(images, targets)`` batches, and the ids of the
+    images evaluated. An unreadable image is replaced by the dataset with a readable neighbour; that repeat is
+    dropped here, so the unreadable image is left out of the evaluation (not counted as missed) and no image is
+    counted twice."""
     from .metrics import to_coco_results
 
     results: list[dict[str, Any]] = []
+    seen: list[int] = []
     for images, targets in loader:
-        images = [image.to(device) for image in images]
+        ids = [int(t["image_id"]) for t in targets]
+        keep = [i for i, image_id in enumerate(ids) if image_id not in seen]
+        if not keep:
+            continue
+        seen += [ids[i] for i in keep]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(images)
+            outputs = model([images[i].to(device) for i in keep])
         outputs = [{k: v.float() if v.is_floating_point() else v for k, v in out.items()} for out in outputs]
-        results += to_coco_results(outputs, [int(t["image_id"]) for t in targets], label_to_category, masks=masks)
-    return results
+        results += to_coco_results(outputs, [ids[i] for i in keep], label_to_category, masks=masks)
+    return results, seen
 
 
-def _gather(results: list[dict[str, Any]], info: DistInfo) -> list[dict[str, Any]]:
+def _gather(local: tuple[list[dict[str, Any]], list[int]], info: DistInfo) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every rank's (results, image ids) joined."""
     if not info.distributed:
-        return results
+        return local
     import torch.distributed as dist
 
     parts: list[Any] = [None] * info.world_size
-    dist.all_gather_object(parts, results)
-    return [r for part in parts for r in part]
+    dist.all_gather_object(parts, local)
+    return [r for part in parts for r in part[0]], [i for part in parts for i in part[1]]
 
 
 def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -197,6 +203,8 @@ class DetectionTrainer(DenseTrainer):
                 extra["mask_head_channels"] = cfg.mask_head_channels
         else:
             extra = {"detections_per_img": cfg.detections_per_img, "score_thresh": cfg.score_thresh}
+        if cfg.box_head_channels is not None and "box_head_channels" not in extra:
+            raise ValueError(f"box_head_channels applies to faster_rcnn and mask_rcnn, not {cfg.kind}")
         min_size = tuple(int(s) for s in cfg.min_size)
         return build_detector(cfg.kind, cfg.model, self.num_classes, min_size=min_size if len(min_size) > 1
                               else min_size[0], max_size=cfg.max_size, backbone_kwargs=backbone_kwargs,
@@ -234,13 +242,16 @@ class DetectionTrainer(DenseTrainer):
 
         was_training = model.training
         try:
-            results = detect_dataset(inference_copy(model), self.val_loader, self.device,
-                                     self.val_set.label_to_category, self.with_masks, self.amp_dtype)
+            results, seen = detect_dataset(inference_copy(model), self.val_loader, self.device,
+                                           self.val_set.label_to_category, self.with_masks, self.amp_dtype)
         finally:
             model.train(was_training)
-        results = _gather(results, self.info)
-        metrics = coco_evaluate(self.val_gt, results, self.iou_types, image_ids=self.val_set.image_ids)
-        return {**flat_metrics(metrics), "count": len(self.val_set)}
+        results, seen = _gather((results, seen), self.info)
+        metrics = coco_evaluate(self.val_gt, results, self.iou_types, image_ids=sorted(set(seen)))
+        return {**flat_metrics(metrics), "count": len(set(seen))}
+
+    def _weights_metadata(self) -> dict[str, Any]:
+        return {**super()._weights_metadata(), "category_ids": list(self.train_set.category_ids)}
 
     def _describe_metrics(self, row: dict[str, Any]) -> list[str]:
         parts = []
@@ -296,14 +307,39 @@ def evaluate_detector(source: str | Path, data: str | Path, split: str = "val", 
     loader = build_eval_loader(dataset, dataset.transforms, 1, LoaderOptions(workers=workers),
                                collate_fn=collate_detection)
     runner = inference_copy(model) if fuse else model
-    results = detect_dataset(runner, loader, device_, dataset.label_to_category, masks)
+    results, seen = detect_dataset(runner, loader, device_, dataset.label_to_category, masks)
     iou_types = ("bbox", "segm") if masks else ("bbox",)
-    metrics = coco_evaluate(ground_truth(dataset), results, iou_types, image_ids=dataset.image_ids)
+    metrics = coco_evaluate(ground_truth(dataset), results, iou_types, image_ids=seen)
     out = {iou: dict(values) for iou, values in metrics.items()}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(out, indent=2))
     return out
+
+
+class OutputNames:
+    """Output file stems, one per input image: its name, or ``name_2``, ``name_3``... when two inputs share one
+    (``a.jpg`` and ``a.png``, or ``x/tile.jpg`` and ``y/tile.jpg``), so no output overwrites another."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def unique(self, path: Path) -> str:
+        stem, n = path.stem, 1
+        while (stem if n == 1 else f"{path.stem}_{n}") in self.used:
+            n += 1
+        stem = stem if n == 1 else f"{path.stem}_{n}"
+        self.used.add(stem)
+        return stem
+
+
+def set_score_threshold(detector: nn.Module, threshold: float) -> None:
+    """Let ``detector`` keep detections down to ``threshold`` (its own threshold, set at training, drops lower ones
+    before the caller sees them): R-CNN ``roi_heads.score_thresh``, RetinaNet/FCOS ``score_thresh``."""
+    heads = getattr(detector, "roi_heads", None)
+    target = heads if heads is not None and hasattr(heads, "score_thresh") else detector
+    if hasattr(target, "score_thresh"):
+        target.score_thresh = min(float(target.score_thresh), float(threshold))
 
 
 def _image_files(inputs: list[str | Path]) -> list[Path]:
@@ -345,25 +381,28 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     masks = model.build_config["kind"] == "mask_rcnn"
-    labels = {i: i for i in range(1, model.build_config["num_classes"] + 1)}
+    categories = getattr(model, "category_ids", None) or list(range(1, model.build_config["num_classes"] + 1))
+    labels = {label: int(cid) for label, cid in enumerate(categories, start=1)}
+    set_score_threshold(runner, score_threshold)
     results, pngs, skipped = [], [], []
+    names = OutputNames()
     for image_id, path in enumerate(_image_files(inputs), start=1):
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
-        except ValueError as err:  # ImageDecodeError
+            output_ = runner([image.to(device_)])[0]
+        except ValueError as err:  # ImageDecodeError, too small an image
             skipped.append(f"{path}: {err}")
             logger.warning("skipping %s: %s", path, err)
             continue
-        output_ = runner([image.to(device_)])[0]
         output_ = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output_.items()}
         keep = output_["scores"] >= score_threshold
         kept = {k: v[keep] for k, v in output_.items()}
         for entry in to_coco_results([kept], [image_id], labels, masks=masks):
             entry["file_name"] = str(path)
             if model.class_names:
-                entry["category_name"] = model.class_names[entry["category_id"] - 1]
+                entry["category_name"] = model.class_names[categories.index(entry["category_id"])]
             results.append(entry)
-        png = out_dir / f"{path.stem}.png"
+        png = out_dir / f"{names.unique(path)}.png"
         save_png(draw_detections(image, kept, model.class_names, score_threshold), png)
         pngs.append(str(png))
     json_path = out_dir / "detections.json"

@@ -245,7 +245,7 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from ..detection.train import _image_files
+    from ..detection.train import OutputNames, _image_files
     from .visualize import overlay_mask, save_png
 
     device_ = torch.device(device or "cpu")
@@ -256,15 +256,17 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, skipped = [], []
+    names = OutputNames()
     for path in _image_files(inputs):
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
-        except ValueError as err:  # ImageDecodeError
+            prediction = runner(image[None].to(device_))[0].argmax(0).cpu()
+        except ValueError as err:  # ImageDecodeError, too small an image
             skipped.append(f"{path}: {err}")
             logger.warning("skipping %s: %s", path, err)
             continue
-        prediction = runner(image[None].to(device_))[0].argmax(0).cpu()
-        mask_path, overlay_path = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_overlay.png"
+        stem = names.unique(path)
+        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
         array = prediction.numpy().astype("uint8" if num_classes <= 256 else "uint16")
         Image.fromarray(array).save(mask_path)
         save_png(overlay_mask(image, prediction, num_classes, alpha=alpha), overlay_path)
