@@ -256,7 +256,7 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, skipped = [], []
-    names = OutputNames()
+    stems = OutputNames()
     for path in _image_files(inputs):
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
@@ -265,7 +265,7 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
             skipped.append(f"{path}: {err}")
             logger.warning("skipping %s: %s", path, err)
             continue
-        stem = names.unique(path)
+        stem = stems.unique(path)
         mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
         array = prediction.numpy().astype("uint8" if num_classes <= 256 else "uint16")
         Image.fromarray(array).save(mask_path)
