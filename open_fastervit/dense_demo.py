@@ -88,7 +88,7 @@ def _short_run(task_cfg: Any, images: int, steps: int) -> Any:
     return replace(task_cfg, train_images=0, repeats=-(-wanted // images))
 
 
-def _probe_seconds_per_step(task_cfg: Any, images: int, steps: int = 4) -> float:
+def _probe_seconds_per_step(task_cfg: Any, images: int, steps: int = 6) -> float:
     """Seconds per optimizer step of the demo's run on this machine: a one-epoch run of about ``steps`` steps on
     the real data (no evaluation), timed by the trainer itself (the epoch's time, without building the model)."""
     probe = replace(_short_run(task_cfg, images, steps), epochs=1, output=str(Path(task_cfg.output).parent / "probe"),
@@ -128,7 +128,8 @@ def plan_epochs(cfg: DenseDemoConfig, task_cfg: Any, data: Path) -> tuple[int, f
 
 
 def _prediction_figure(cfg: DenseDemoConfig, data: Path, out: Path, weights: Path) -> Path:
-    """A PNG of held-out predictions next to the ground truth."""
+    """A PNG of held-out predictions next to the ground truth (detection: the detections scoring at least 0.5, or
+    the 30 best of them when fewer score that high, down to 0.05; the labels show the scores)."""
     from torchvision.transforms.v2.functional import pil_to_tensor
     from torchvision.utils import make_grid
 
@@ -149,7 +150,10 @@ def _prediction_figure(cfg: DenseDemoConfig, data: Path, out: Path, weights: Pat
             truth = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"]))}
             with torch.inference_mode():
                 output = model([image])[0]
-            pictures += [draw_detections(image, truth, ["tree"], 0.5), draw_detections(image, output, ["tree"], 0.5)]
+            scores = output["scores"]
+            shown = float(scores.topk(min(len(scores), 30)).values.min()) if len(scores) else 1.0
+            pictures += [draw_detections(image, truth, ["tree"], 0.5),
+                         draw_detections(image, output, ["tree"], max(0.05, min(0.5, shown)))]
         path = out / "predictions.png"
         save_png(make_grid(pictures, nrow=2, padding=4), path)
         return path
