@@ -146,12 +146,15 @@ def _predict(command: str, argv: list[str]) -> int:
 
 
 def dense_main(command: str, argv: list[str] | None = None) -> int:
-    """``fastervit detect|segment SUB ...``: 0 on success, 1 with a one-line message on bad data/weights, 2 for an
-    unknown sub-command."""
+    """``fastervit detect|segment SUB ...``: 0 on success, 1 with a one-line message on bad data/weights, 2 for a
+    missing or unknown sub-command; ``--help`` exits 0 through SystemExit, as argparse does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv and argv[0] in ("-h", "--help", "help"):
         print(_usage(command))
-        return 0
+        raise SystemExit(0)  # as argparse does for --help
+    if not argv:
+        print(f"fastervit {command}: a sub-command is needed\n\n{_usage(command)}", file=sys.stderr)
+        return 2
     sub, rest = argv[0], argv[1:]
     handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict}
     if sub not in handlers:
