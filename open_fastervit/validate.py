@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import create_loader, resolve_data_config
+from timm.data import create_loader
 from timm.utils import AverageMeter, accuracy
 
 from open_fastervit import loading
+from open_fastervit.data import data_config_for
 from open_fastervit.fused import inference_form
 from open_fastervit.labels import load_label_map, open_eval_dataset
 from open_fastervit.serialization import ema_mode, read_weights
@@ -166,21 +167,6 @@ def load_model(
     else:
         model = loading.load_model(name or DEFAULT_MODEL, model_kwargs=model_kwargs, pretrained=pretrained)
     return model, dict(model.weights_info)
-
-
-def data_config_for(model: torch.nn.Module, info: Mapping | None = None, **overrides: Any) -> dict:
-    """Evaluation preprocessing: the model's pretrained cfg, updated by the checkpoint's ``data_config`` /
-    ``img_size`` metadata, then by explicit ``overrides`` (img_size, crop_pct, crop_mode, interpolation)."""
-    info = info or {}
-    args = dict(info.get("data_config") or {})
-    if info.get("img_size") and "input_size" not in args:
-        args["img_size"] = int(info["img_size"])
-    if overrides.get("img_size"):
-        args.pop("input_size", None)
-    args.update({k: v for k, v in overrides.items() if v is not None})
-    if "input_size" in args:
-        args["input_size"] = tuple(args["input_size"])
-    return resolve_data_config(args=args, model=model)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -271,8 +271,8 @@ def quantize_model(
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from timm.data import create_transform
 
+    from ..data import data_config_for
     from ..fused import inference_form
-    from ..validate import data_config_for
 
     model, info, source_name = _load(source, architecture, model_kwargs, use_ema)
     config = data_config_for(model, info, img_size=img_size)
