@@ -354,3 +354,19 @@ def test_predict_writes_coco_category_ids_and_never_overwrites(tmp_path):
     results = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert results and {r["category_id"] for r in results} <= {3, 7}
     assert {r["category_name"] for r in results} <= {"pine", "oak"} and summary["images"] == 4
+
+
+def test_dense_recipes_load_into_their_configs_only():
+    """The paper's dense settings as recipes, scaled to the user's batch; a recipe of another task is refused."""
+    from open_fastervit.cli.train import build_parser, config_from_args
+    from open_fastervit.recipes import list_recipes
+
+    assert list_recipes("detection") == ["mask_rcnn_3x_coco"]
+    assert list_recipes("segmentation") == ["upernet_ade20k_160k"]
+    det = config_from_args(["--recipe", "mask_rcnn_3x_coco"], DetectionConfig, build_parser(DetectionConfig))
+    assert (det.kind, det.lr_base, det.lr_base_size, det.weight_decay, det.epochs) == ("mask_rcnn", 1e-4, 16, 0.05, 36)
+    assert det.min_size[0] == 480 and det.min_size[-1] == 800 and det.decay_milestones == [27, 33]
+    seg = config_from_args(["--recipe", "upernet_ade20k_160k"], SegmentationConfig, build_parser(SegmentationConfig))
+    assert (seg.kind, seg.lr_base, seg.weight_decay, seg.crop_size, seg.sched) == ("upernet", 6e-5, 0.01, 512, "poly")
+    with pytest.raises(ValueError, match="detection recipe"):
+        config_from_args(["--recipe", "mask_rcnn_3x_coco"])

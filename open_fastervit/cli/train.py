@@ -15,7 +15,7 @@ from typing import Any
 
 from open_fastervit.cli._common import AMP_CHOICES, amp_word
 from open_fastervit.data import DatasetError
-from open_fastervit.recipes import list_recipes, load_recipe
+from open_fastervit.recipes import list_recipes, load_recipe, recipe_task
 from open_fastervit.train import TrainConfig, TrainingDiverged, train
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -53,8 +53,9 @@ def build_parser(config_cls: type = TrainConfig, prog: str = "fastervit train",
                  description: str = DESCRIPTION) -> argparse.ArgumentParser:
     """A training parser: one option per field of ``config_cls`` (a ``RunConfig`` dataclass), plus ``--recipe``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    task = getattr(config_cls, "TASK", "classification")
     parser.add_argument("--recipe", default=None,
-                        help=f"recipe name or YAML file; shipped: {', '.join(list_recipes())}")
+                        help=f"recipe name or YAML file; shipped: {', '.join(list_recipes(task))}")
     hints = typing.get_type_hints(config_cls)
     for item in dataclasses.fields(config_cls):
         kind, extra = _FIELD_TYPES.get(item.name) or _arg_type(hints[item.name])
@@ -79,6 +80,10 @@ def config_from_args(argv: list[str] | None = None, config_cls: type = TrainConf
     args = vars((parser or build_parser(config_cls)).parse_args(argv))
     recipe = args.pop("recipe", None)
     settings = load_recipe(recipe) if recipe else {}
+    task = getattr(config_cls, "TASK", "classification")
+    if recipe and recipe_task(recipe) != task:
+        raise ValueError(f"recipe {recipe!r} is a {recipe_task(recipe)} recipe; this command trains {task} "
+                         f"(its recipes: {', '.join(list_recipes(task))})")
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -27,7 +27,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ METRIC_KEYS = ("mAP", "mAP50", "mAP75")
 @dataclass
 class DetectionConfig(DenseConfig):
     """A detection / instance-segmentation run; the shared fields are ``DenseConfig``'s."""
+
+    TASK: ClassVar[str] = "detection"  # the recipes it takes
 
     kind: str = _opt("mask_rcnn", "detector: mask_rcnn, faster_rcnn, retinanet or fcos (torchvision)")
     data: str = _opt("", "COCO root (ROOT/<split>/ + ROOT/annotations/instances_<split>.json) or an instance-mask "

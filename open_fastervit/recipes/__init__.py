@@ -11,15 +11,22 @@ from typing import Any
 
 import yaml
 
-__all__ = ["list_recipes", "load_recipe"]
+__all__ = ["list_recipes", "load_recipe", "recipe_task"]
 
 RECIPE_DIR = Path(__file__).resolve().parent
 MAX_DEPTH = 8
 
 
-def list_recipes() -> list[str]:
-    """Names of the runnable recipes shipped with the package."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+def recipe_task(name_or_path: str) -> str:
+    """The task a recipe is for: its ``task`` key (``detection``, ``segmentation``), else ``classification``."""
+    settings = yaml.safe_load(_recipe_path(name_or_path).read_text()) or {}
+    return str(settings.get("task", "classification")) if isinstance(settings, dict) else "classification"
+
+
+def list_recipes(task: str = "classification") -> list[str]:
+    """Names of the runnable recipes shipped with the package for ``task``."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")
+                  if not p.stem.startswith("_") and recipe_task(str(p)) == task)
 
 
 def _recipe_path(name_or_path: str) -> Path:
@@ -40,6 +47,7 @@ def load_recipe(name_or_path: str, _depth: int = 0) -> dict[str, Any]:
     settings = yaml.safe_load(path.read_text()) or {}
     if not isinstance(settings, dict):
         raise ValueError(f"recipe {path} must be a mapping of TrainConfig fields, got {type(settings).__name__}")
+    settings.pop("task", None)
     base = settings.pop("base", None)
     if base is None:
         return settings

@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SegmentationConfig(DenseConfig):
     """A semantic segmentation run; the shared fields are ``DenseConfig``'s."""
+
+    TASK: ClassVar[str] = "segmentation"  # the recipes it takes
 
     kind: str = _opt("upernet", "decoder: upernet (the paper's) or fpn (segmentation_models_pytorch)")
     data: str = _opt("", "root of image/mask folder pairs: ROOT/<split>/{images,masks} or the ADE20K layout "
