@@ -249,3 +249,20 @@ def test_fuse_without_packing_keeps_no_packed_copies(kernel_calls) -> None:
         assert rel_err(fused(x.to(memory_format=torch.channels_last)), model(x)) < 1e-5
     assert kernel_calls == {"FusedLinear": 0, "FusedConv2d": 0}
     assert all(not m._packed for m in fused.modules() if isinstance(m, (FusedLinear, FusedConv2d)))
+
+
+def test_fuse_inside_inference_mode_runs_and_never_goes_stale() -> None:
+    """``fuse()`` called under ``torch.inference_mode`` makes inference tensors, which carry no version counter:
+    it used to stop with "Inference tensors do not track version counter" on the first forward. The cached
+    position biases now compare values for such tensors, so a weight change inside inference mode is seen."""
+    model = tiny()
+    x = torch.randn(2, 3, 64, 64)
+    other = tiny()
+    with torch.no_grad():
+        ref, ref_other = model(x), other(x)
+    with torch.inference_mode():
+        fused = copy.deepcopy(model).fuse()
+        assert rel_err(fused(x), ref) < 1e-5
+        assert rel_err(fused(x), ref) < 1e-5  # cached biases reused
+        fused.load_state_dict(copy.deepcopy(other).fuse().state_dict())  # in place, inside inference mode
+        assert rel_err(fused(x), ref_other) < 1e-5

@@ -19,6 +19,8 @@ The inference form is a *snapshot* of the weights it was built from (:func:`free
 buffers, so nothing that updates parameters (optimizers, EMA or teacher updates, weight averaging, ``.data`` edits
 over ``parameters()``) can reach it. Packed copies are rebuilt when a buffer is replaced or changed through
 PyTorch's in-place ops (``load_state_dict``, ``copy_`` on ``state_dict()`` tensors), and dropped by ``.to()``.
+A snapshot built under ``torch.inference_mode`` holds inference tensors, which have no version counter: there
+``load_state_dict`` still rebuilds the packed copies, other in-place edits made inside inference mode are not seen.
 To change the weights, change the trainable model and build its inference form again.
 """
 
@@ -158,6 +160,10 @@ class _Packed(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() ...: drop packed copies
         self._packed.clear()
         return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # also seen for inference tensors (no versions)
+        self._packed.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict:  # deepcopy / pickle: packed (opaque) tensors are a cache, not state
         return {**self.__dict__, "_packed": {}}

@@ -11,7 +11,7 @@ FasterViT's transformer stages are a downsampler followed by one of these (``mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -19,6 +19,7 @@ from timm.layers import DropPath, LayerScale, Mlp
 from torch import Tensor, nn
 
 from .attention import Attention
+from .drop_path import residual_drop_path
 from .fused import FusedMlp
 from .pos_embed import TokenPosEmbed
 from .windows import WindowGrid, tracing
@@ -105,6 +106,11 @@ class HatBlock(nn.Module):
             self.ct_mlp = Mlp(dim, hidden)
             self.ct_ls_mlp = scale()
 
+    def _residual(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
+        """``x + DropPath(branch(x))``, the branch run on the kept images only (every branch here is per image)."""
+        drop_prob = self.drop_path.drop_prob if isinstance(self.drop_path, DropPath) else 0.0
+        return residual_drop_path(x, branch, drop_prob, self.training)
+
     def carrier_attention(self, t: Tensor, grid: WindowGrid) -> Tensor:
         """Global attention among the carrier tokens of each image: window-major ``(B, N_ct, C)`` in and out."""
         gh, gw = grid.carrier_grid
@@ -114,8 +120,8 @@ class HatBlock(nn.Module):
             t = self.ct_attn(self.ct_norm1(t), bias, residual=t)
             t = self.ct_mlp(self.ct_norm2(t), residual=t)
         else:
-            t = t + self.drop_path(self.ct_ls_attn(self.ct_attn(self.ct_norm1(t), bias)))
-            t = t + self.drop_path(self.ct_ls_mlp(self.ct_mlp(self.ct_norm2(t))))
+            t = self._residual(t, lambda v: self.ct_ls_attn(self.ct_attn(self.ct_norm1(v), bias)))
+            t = self._residual(t, lambda v: self.ct_ls_mlp(self.ct_mlp(self.ct_norm2(v))))
         return grid.raster_to_carriers(t)
 
     def forward(self, z: Tensor, t: Tensor | None, grid: WindowGrid) -> tuple[Tensor, Tensor | None]:
@@ -136,8 +142,8 @@ class HatBlock(nn.Module):
             u = self.attn(self.norm1(u), bias, residual=u, per_window=per_window)
             u = self.mlp(self.norm2(u), residual=u)
         else:
-            u = u + self.drop_path(self.ls_attn(self.attn(self.norm1(u), bias, per_window=per_window)))
-            u = u + self.drop_path(self.ls_mlp(self.mlp(self.norm2(u))))
+            u = self._residual(u, lambda v: self.ls_attn(self.attn(self.norm1(v), bias, per_window=per_window)))
+            u = self._residual(u, lambda v: self.ls_mlp(self.mlp(self.norm2(v))))
         if t is None:
             return u, None
         t_win, z = u.split([num_ct, ws * ws], dim=2)

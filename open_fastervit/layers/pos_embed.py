@@ -142,8 +142,9 @@ def _stamp(tensors: tuple[Tensor, ...]) -> tuple:
     """What a cached bias was computed from. Parameters (a trainable model): a copy of their values, since
     ``.data`` edits and swaps bypass version counters. Buffers only (the inference snapshot, ``layers.fused.freeze``,
     whose parameters no update can reach): the tensors themselves (held) and their version counters, which every
-    remaining route (``load_state_dict``, in-place ops on ``state_dict()`` tensors) bumps."""
-    if any(isinstance(t, nn.Parameter) for t in tensors):
+    remaining route (``load_state_dict``, in-place ops on ``state_dict()`` tensors) bumps. Inference tensors (the
+    snapshot built under ``torch.inference_mode``) have no version counter: their values are kept instead."""
+    if any(isinstance(t, nn.Parameter) or t.is_inference() for t in tensors):
         return ("values", tuple(t.detach().clone() for t in tensors))
     return ("versions", tensors, tuple(t._version for t in tensors))
 
