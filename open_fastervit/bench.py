@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import gc
 import importlib
+import itertools
 import json
 import math
 import os
@@ -379,7 +380,7 @@ def create_candidate(name: str, size: int, config: BenchConfig, device: torch.de
 
 def probe_forward(model: nn.Module, size: int) -> torch.Tensor:
     """One batch-1 forward on a fixed input (eval, no grad, model's device): checks the size works."""
-    param = next(model.parameters(), None)
+    param = next(itertools.chain(model.parameters(), model.buffers()), None)  # inference forms hold buffers only
     device = param.device if param is not None else torch.device("cpu")
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1234)).to(device)
     with torch.no_grad():
@@ -461,7 +462,13 @@ def build_at_size(
             diff = (probe_forward(built[ours], size) - probe_forward(built[official], size)).abs().max()
             info[ours].setdefault("same_weights_as", official)
             info[ours].setdefault("max_abs_diff_vs_official", {})[str(size)] = float(diff)
-    return {name: prepare(model, name, config) for name, model in built.items()}, unavailable
+    prepared = {name: prepare(model, name, config) for name, model in built.items()}
+    if config.fuse:
+        for name, cand in prepared.items():
+            if isinstance(cand.infer_model, nn.Module) and not cand.compiled:
+                diff = (probe_forward(cand.infer_model, size) - probe_forward(cand.model, size)).abs().max()
+                info[name].setdefault("inference_form_max_abs_diff", {})[str(size)] = float(diff)
+    return prepared, unavailable
 
 
 # --------------------------------------------------------------------------------------------------

@@ -286,3 +286,37 @@ def test_official_and_ours_share_weights_and_outputs():
     result = bench.run_benchmark(cfg, progress=False)
     at96 = {r["model"]: r["status"] for r in result["rows"] if r["img_size"] == 96}
     assert at96["fastervit_0"] == "ok" and at96["faster_vit_0_224"].startswith("n/a (")
+
+
+def test_an_inference_form_that_computes_another_function_is_flagged(tmp_path: Path, monkeypatch):
+    """--fuse times each model's inference form; the report compares it with the model as built, so a form that
+    computes something else (e.g. the authors' deploy switch thrown before any forward: zero position biases,
+    logits off by ~0.05) is marked as not timing the same function."""
+    real_fuse = bench.fuse_model
+
+    class Shifted(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + 0.5
+
+    def fuse(model: nn.Module) -> nn.Module:
+        fused = real_fuse(model)
+        return Shifted(fused) if getattr(model, "default_cfg", {}).get("architecture") == "test_convnext" else fused
+
+    monkeypatch.setattr(bench, "fuse_model", fuse)
+    out = tmp_path / "b"
+    argv = ["--models", "fastervit_0,test_convnext", "--model-kwargs", f"fastervit_0={json.dumps(TINY)}",
+            "--num-classes", "10", "--batch-sizes", "1", "--img-sizes", "64", "--train-batch", "0",
+            "--scaling-sizes", "", "--warmup", "0", "--rounds", "1", "--iters", "1", "--no-macs", "--no-memory",
+            "--threads", "1", "--gemm-size", "64", "--fuse", "--out", str(out), "--no-progress"]
+    assert bench_cli.main(argv) == 0
+    result = json.loads((out / "bench.json").read_text())
+    forms = {n: i["inference_form_max_abs_diff"]["64"] for n, i in result["candidates"].items()}
+    assert forms["fastervit_0"] < 1e-5
+    assert forms["test_convnext"] == pytest.approx(0.5, abs=1e-5)
+    markdown = (out / "bench.md").read_text()
+    assert "test_convnext: inference form vs the model as built" in markdown
+    assert markdown.count("NOT the same function") == 1
