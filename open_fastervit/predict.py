@@ -16,22 +16,33 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
-from timm.data.readers.img_extensions import get_img_extensions
 
 from open_fastervit.fused import inference_form
 from open_fastervit.labels import IMAGENET_1K, class_names_of, imagenet_class_names, open_eval_dataset
 from open_fastervit.validate import data_config_for, default_device, load_model
 
-__all__ = ["ImageReadError", "Prediction", "format_prediction", "load_image", "predict", "resolve_class_names"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "Prediction",
+    "expand_images",
+    "format_prediction",
+    "load_image",
+    "predict",
+    "resolve_class_names",
+]
 
 _logger = logging.getLogger(__name__)
 
 #: ``on_error`` of :func:`predict`: what an unreadable image does.
 ON_ERROR = ("raise", "skip")
+#: Suffixes (compared in lower case) of the files :func:`expand_images` takes from a folder.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 class ImageReadError(ValueError):
-    """An input image is missing, unreadable or not an image; the message names the file."""
+    """An input image is missing, unreadable or not an image, or a folder given holds no image; the message names
+    the file or folder."""
 
 
 @dataclass
@@ -65,18 +76,60 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: cannot read image ({e})") from e
 
 
-def expand_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders replaced by the image files they hold (sorted)."""
-    extensions = set(get_img_extensions(as_set=True))
+def expand_images(paths: Sequence[str | Path] | str | Path, *, recursive: bool = False,
+                  keep_missing: bool = False) -> list[Path]:
+    """The image files of ``paths``: the one listing behind ``fastervit predict``, ``detect predict`` and
+    ``segment predict``.
+
+    A file is taken as given (whatever its suffix: reading it tells whether it is an image). A folder is replaced by
+    the files in it whose suffix is one of ``IMAGE_SUFFIXES`` (any case), sorted by their path relative to the
+    folder; with ``recursive`` its sub-folders are searched too. Hidden entries (names starting with ``.``, such as
+    macOS ``._x.jpg`` files) are skipped, and so are hidden sub-folders. The inputs keep their order; ``~`` is
+    expanded.
+
+    Args:
+        paths: image files and folders (a single path is accepted too).
+        recursive: also list the images in the sub-folders of each folder.
+        keep_missing: a path that does not exist is kept in the list (the caller reports it when it fails to read
+            it, as ``predict(on_error=...)`` does) instead of raising.
+
+    Returns:
+        Paths of the image files, in input order, each folder's files sorted.
+
+    Raises:
+        ImageReadError: no path given, a path that does not exist (unless ``keep_missing``), or a folder holding no
+            image file; the one-line message names the path.
+    """
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not items:
+        raise ImageReadError("no image files or folders given")
     out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in extensions))
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = _images_in(path, recursive)
+            if not found:
+                where = "this folder or its sub-folders" if recursive else "this folder (sub-folders not searched)"
+                raise ImageReadError(f"{path}: no image files ({' '.join(IMAGE_SUFFIXES)}) in {where}")
+            out.extend(found)
+        elif path.exists() or keep_missing:
+            out.append(path)
         else:
-            out.append(p)
-    if not out:
-        raise ImageReadError(f"no images found in {[str(p) for p in paths]}")
+            raise ImageReadError(f"{path}: no such file or folder")
     return out
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    """Image files (by suffix) in ``folder`` (and its sub-folders with ``recursive``), hidden ones skipped, sorted by
+    their path relative to ``folder``."""
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    found = []
+    for path in candidates:
+        rel = path.relative_to(folder)
+        if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel.parts) \
+                and path.is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
 def resolve_class_names(
@@ -125,10 +178,11 @@ def predict(
 ) -> list[Prediction]:
     """Top-k classes of each image, preprocessed with the model's evaluation transform.
 
-    ``model`` is a timm name (None: the checkpoint's architecture) or a module. A model loaded here runs in its
-    exact inference form (``fused.inference_form``) unless ``fuse=False``; a module passed in is used as it is.
-    Without ``checkpoint`` a named model gets its published weights (``open_fastervit.load_model``); random
-    weights only with ``pretrained=False``.
+    ``images`` are files and folders, listed by :func:`expand_images` (a folder gives its image files, sorted; its
+    sub-folders are not searched). ``model`` is a timm name (None: the checkpoint's architecture) or a module. A
+    model loaded here runs in its exact inference form (``fused.inference_form``) unless ``fuse=False``; a module
+    passed in is used as it is. Without ``checkpoint`` a named model gets its published weights
+    (``open_fastervit.load_model``); random weights only with ``pretrained=False``.
 
     ``on_error`` says what an image that is missing or unreadable does: ``"raise"`` (default) raises
     :class:`ImageReadError` before any inference; ``"skip"`` leaves it out of the results with a logged warning; a
@@ -137,7 +191,7 @@ def predict(
 
     Raises:
         ImageReadError: an image is missing or unreadable and ``on_error="raise"`` (all images are opened before
-            any inference).
+            any inference); whatever ``on_error``, a folder holding no image or an empty ``images``.
         CheckpointError: weights that cannot be had (offline), read or fitted.
         ValueError: ``topk`` < 1, unknown model, class names that do not match the model.
     """
@@ -146,7 +200,7 @@ def predict(
     if not callable(on_error) and on_error not in ON_ERROR:
         raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
     paths, pictures = [], []
-    for path in expand_images(images):
+    for path in expand_images(images, keep_missing=True):
         try:
             pictures.append(load_image(path))
         except ImageReadError as e:

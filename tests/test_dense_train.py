@@ -368,3 +368,27 @@ def test_dense_recipes_load_into_their_configs_only():
     assert (seg.kind, seg.lr_base, seg.weight_decay, seg.crop_size, seg.sched) == ("upernet", 6e-5, 0.01, 512, "poly")
     with pytest.raises(ValueError, match="detection recipe"):
         config_from_args(["--recipe", "mask_rcnn_3x_coco"])
+
+
+def test_upernet_recipe_sets_the_aux_head_and_a_run_trains_and_saves_it(tmp_path):
+    """The ADE20K recipe trains with the auxiliary FCN head (weight 0.4); other runs do not unless
+    --aux-loss-weight asks; a run with it saves the head, and the loaded model evaluates without it."""
+    from open_fastervit.cli.train import build_parser, config_from_args
+
+    parser = build_parser(SegmentationConfig)
+    assert "--aux-loss-weight" in parser.format_help()
+    assert config_from_args(["--recipe", "upernet_ade20k_160k"], SegmentationConfig, parser).aux_loss_weight == 0.4
+    assert config_from_args(["--recipe", "upernet_ade20k_160k", "--aux-loss-weight", "0"], SegmentationConfig,
+                            build_parser(SegmentationConfig)).aux_loss_weight == 0.0
+    assert SegmentationConfig().aux_loss_weight == 0.0
+    with pytest.raises(ValueError, match="aux_loss_weight must be >= 0"):
+        train_segmenter(SegmentationConfig(data=str(NUCLEI), aux_loss_weight=-0.4, output=str(tmp_path / "bad")))
+    cfg = SegmentationConfig(kind="upernet", data=str(NUCLEI), model_kwargs=ARCH, decoder_channels=32, crop_size=64,
+                             batch_size=2, epochs=1, lr=1e-3, aux_loss_weight=0.4, output=str(tmp_path / "run"),
+                             **QUIET)
+    result = train_segmenter(cfg)
+    assert result["build_config"]["aux_head"] is True and 0 <= result["final"]["mIoU"] <= 1
+    model = load_segmenter(cfg.output)
+    saved = load_file(str(Path(cfg.output) / "best.safetensors"))
+    assert model.aux_head is not None and torch.equal(model.state_dict()["aux_head.0.weight"],
+                                                      saved["aux_head.0.weight"])

@@ -13,7 +13,7 @@ from timm.data import create_transform, resolve_data_config
 import open_fastervit
 from open_fastervit.cli.predict import main
 from open_fastervit.paths import data_path
-from open_fastervit.predict import ImageReadError, load_image, predict, resolve_class_names
+from open_fastervit.predict import ImageReadError, expand_images, load_image, predict, resolve_class_names
 
 TINY = dict(dim=32, in_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=(7, 7, 2, 2),
             drop_path_rate=0.0)
@@ -123,3 +123,66 @@ def test_unreadable_images_are_reported_and_the_rest_classified(tmp_path, capsys
     assert seen == [corrupt]
     with pytest.raises(ImageReadError, match="corrupt.jpg"):
         predict([corrupt, good], checkpoint=weights, device="cpu")
+
+
+def test_expand_images_lists_files_and_folders_sorted_recursion_on_request(tmp_path):
+    """The one listing of `fastervit predict`, `detect predict` and `segment predict`: files as given, folders by
+    image suffix (any case) in sorted order, hidden files and other suffixes left out, sub-folders only with
+    recursive=True."""
+    photos, extra = tmp_path / "photos", tmp_path / "extra"
+    for folder in (photos / "sub" / "deeper", photos / ".cache", extra):
+        folder.mkdir(parents=True)
+    for rel in ("b.jpg", "A.PNG", "notes.txt", ".hidden.jpg", "sub/c.jpeg", "sub/deeper/d.webp", ".cache/e.png",
+                "sub/readme.md"):
+        (photos / rel).write_bytes(b"x")
+    single = extra / "z.bmp"
+    single.write_bytes(b"x")
+    assert expand_images([single, photos]) == [single, photos / "A.PNG", photos / "b.jpg"]
+    assert expand_images([str(photos), single], recursive=True) == [
+        photos / "A.PNG", photos / "b.jpg", photos / "sub" / "c.jpeg", photos / "sub" / "deeper" / "d.webp", single]
+    assert expand_images(str(photos / "notes.txt")) == [photos / "notes.txt"]  # a file named is kept as given
+    with pytest.raises(ImageReadError) as missing:
+        expand_images([single, tmp_path / "missing.jpg"])
+    assert str(missing.value) == f"{tmp_path / 'missing.jpg'}: no such file or folder"
+    assert expand_images([tmp_path / "missing.jpg"], keep_missing=True) == [tmp_path / "missing.jpg"]
+    only_sub = tmp_path / "only_sub"
+    (only_sub / "inner").mkdir(parents=True)
+    (only_sub / "inner" / "x.png").write_bytes(b"x")
+    (only_sub / "list.txt").write_bytes(b"x")
+    with pytest.raises(ImageReadError, match=r"only_sub: no image files .* in this folder \(sub-folders not "
+                                             r"searched\)$"):
+        expand_images([single, only_sub])
+    assert expand_images([only_sub], recursive=True) == [only_sub / "inner" / "x.png"]
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    (texts / "sub" / "a.txt").write_text("text")
+    (texts / "sub" / ".b.png").write_bytes(b"x")
+    with pytest.raises(ImageReadError, match=r"texts: no image files .* in this folder or its sub-folders$"):
+        expand_images([texts], recursive=True)
+    with pytest.raises(ImageReadError, match="no image files or folders given"):
+        expand_images([])
+
+
+def test_every_predict_path_lists_inputs_with_expand_images(tmp_path):
+    """Classification predict: a folder without images is an ImageReadError (a missing file is still reported per
+    image through on_error); detect / segment predict: a missing input or an empty folder is the same one-line
+    ImageReadError, raised before any weights are read."""
+    from open_fastervit.detection.train import predict_detector
+    from open_fastervit.segmentation.train import predict_segmenter
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(ImageReadError, match="empty: no image files"):
+        predict([empty], tiny(10))
+    shutil.copy(stub("koala.jpg"), tmp_path / "koala.jpg")
+    seen = []
+    preds = predict([tmp_path / "gone.jpg", tmp_path / "koala.jpg"], tiny(10), img_size=64,
+                    on_error=lambda path, e: seen.append(str(e)))
+    assert [p.image for p in preds] == [str(tmp_path / "koala.jpg")]
+    assert seen == [f"{tmp_path / 'gone.jpg'}: no such file"]
+    for run in (predict_detector, predict_segmenter):
+        with pytest.raises(ImageReadError, match=r"gone\.jpg: no such file or folder$"):
+            run(tmp_path / "no_run", [tmp_path / "koala.jpg", tmp_path / "gone.jpg"], tmp_path / "out")
+        with pytest.raises(ImageReadError, match="or its sub-folders$"):
+            run(tmp_path / "no_run", [empty], tmp_path / "out")

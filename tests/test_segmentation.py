@@ -425,3 +425,167 @@ def test_transformers_upernet_with_timm_backbone():
     with torch.no_grad():
         assert model(pixel_values=torch.rand(1, 3, 128, 128)).logits.shape == (1, 3, 128, 128)
         assert model(pixel_values=torch.rand(1, 3, 97, 130)).logits.shape == (1, 3, 97, 130)
+
+
+# ---- evaluation leaves unreadable images out ---------------------------------------------------------------
+
+
+class _Oracle(torch.nn.Module):
+    """A perfect 3-class 'model' for images whose red channel holds the true label (value / 255)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        labels = (images[:, 0] * 255).round().long().clamp(0, 2)
+        return F.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+
+
+def _oracle_folder(root, sizes=((32, 40), (36, 48), (40, 56)), corrupt: int = 1) -> list[int]:
+    """ROOT/{train,val}/{images,masks}/{a,b,c}.png whose images carry the mask in their red channel; image
+    ``corrupt`` of each split passes the header check but cannot be decoded. Returns each pair's pixel count."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i, (name, (height, width)) in enumerate(zip("abc", sizes)):
+            labels = rng.integers(0, 3, (height, width)).astype(np.uint8)
+            _png(root / split / "masks" / f"{name}.png", labels)
+            image = root / split / "images" / f"{name}.png"
+            _png(image, np.stack([labels, labels * 40, np.full_like(labels, 7)], axis=-1))
+            if i == corrupt:  # keep the header, replace the rest of the data stream by garbage bytes
+                data = image.read_bytes()
+                image.write_bytes(data[: len(data) // 2] + b"\x00garbage\xff" * 8)
+    return [h * w for h, w in sizes]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_an_unreadable_validation_image_is_left_out_of_evaluation_not_counted_twice(tmp_path, caplog, batch_size):
+    """Before: the neighbour of an unreadable val image was evaluated in its place, so its pixels were counted
+    twice. Now the eval folder serves None for it, collate drops it, and only the readable images count."""
+    from open_fastervit.segmentation.train import SegmentationConfig, open_segmentation_data, segment_dataset
+
+    pixels = _oracle_folder(tmp_path)
+    train_set, val_set = open_segmentation_data(SegmentationConfig(data=str(tmp_path), num_classes=3))
+    assert train_set.substitute_unreadable and not val_set.substitute_unreadable and len(val_set) == 3
+    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size,
+                                         collate_fn=partial(collate_segmentation, ignore_index=255))
+    with caplog.at_level("WARNING"):
+        metric, count = segment_dataset(_Oracle(), loader, torch.device("cpu"), 3, 255)
+    values = metric.compute()
+    assert count == 2 and int(metric.confusion.sum()) == pixels[0] + pixels[2]  # 1280 + 2240
+    assert values["mIoU"] == 1.0 and values["pixel_accuracy"] == 1.0
+    assert val_set.skipped() == [str(tmp_path / "val" / "images" / "b.png")]
+    assert "leaving unreadable pair" in caplog.text and "b.png out of the evaluation" in caplog.text
+    # training still substitutes (batch shapes never change): the same loop then counts c twice
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=1, collate_fn=collate_segmentation)
+    train_set.transforms = eval_transforms()
+    substituted, _ = segment_dataset(_Oracle(), train_loader, torch.device("cpu"), 3, 255)
+    assert int(substituted.confusion.sum()) == pixels[0] + 2 * pixels[2]
+    assert collate_segmentation([None])[0].shape == (0, 3, 0, 0)
+
+
+def test_evaluate_segmenter_leaves_an_unreadable_image_out(tmp_path, monkeypatch, caplog):
+    """`fastervit segment evaluate` builds its folder without substitution: perfect predictions give mIoU 1.0 and a
+    warning naming the unreadable image."""
+    import open_fastervit.segmentation.train as seg_train
+
+    _oracle_folder(tmp_path)
+    oracle = _Oracle()
+    oracle.build_config, oracle.class_names = {"num_classes": 3}, ["a", "b", "c"]
+    monkeypatch.setattr(seg_train, "load_segmenter", lambda source, device=None: oracle)
+    with caplog.at_level("WARNING"):
+        out = seg_train.evaluate_segmenter("unused", tmp_path, "val", fuse=False, workers=0)
+    assert out["mIoU"] == 1.0 and out["per_class_iou"] == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert "1 of 3 image(s) could not be read and were left out of the evaluation" in caplog.text
+    assert str(tmp_path / "val" / "images" / "b.png") in caplog.text
+
+
+# ---- auxiliary FCN head ------------------------------------------------------------------------------------
+
+
+def _aux_segmenter(num_classes: int = 3):
+    return build_segmenter("upernet", "fastervit_0", num_classes, backbone_kwargs=dict(model_kwargs=TINY_ARCH),
+                           decoder_channels=32, aux_head=True)
+
+
+def test_aux_head_layout_and_inference_unchanged():
+    from open_fastervit.dense import inference_copy
+
+    torch.manual_seed(0)
+    model = _aux_segmenter()
+    conv, norm, _, drop, classifier = model.aux_head
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (segmenter_backbone(model).out_channels[2],
+                                                                        256, (3, 3))
+    assert isinstance(norm, torch.nn.BatchNorm2d) and isinstance(drop, torch.nn.Dropout2d) and drop.p == 0.1
+    assert (classifier.out_channels, classifier.kernel_size) == (3, (1, 1))
+    assert model.build_config["aux_head"] is True and model.build_config["aux_channels"] == 256
+    plain = tiny_segmenter("upernet", num_classes=3)
+    assert plain.aux_head is None and "aux_head" not in plain.build_config
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("aux_head.") for k in unexpected)
+    calls: list[int] = []
+    model.aux_head.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(2, 3, 97, 130)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), plain.eval()(x))  # same weights: the head changes nothing in eval
+        assert calls == []
+        model.train()
+        torch.manual_seed(1)
+        alone = model(x)
+        torch.manual_seed(1)
+        logits, aux = model(x, return_aux=True)
+    assert calls == [1] and torch.equal(alone, logits)
+    assert logits.shape == aux.shape == (2, 3, 97, 130) and torch.isfinite(aux).all()
+    assert plain.train()(x, return_aux=True)[1] is None
+    plain.load_state_dict(model.state_dict(), strict=False)  # the BatchNorm statistics moved in train mode
+    with torch.no_grad():  # the inference form (what evaluation runs) does not run it either
+        assert torch.equal(inference_copy(model)(x), inference_copy(plain)(x)) and calls == [1]
+
+
+def test_aux_loss_is_main_plus_weighted_aux_and_trains_the_head():
+    from open_fastervit.segmentation.train import SegmentationConfig, SegmentationTrainer
+
+    def trainer_for(weight: float) -> SegmentationTrainer:
+        trainer = SegmentationTrainer.__new__(SegmentationTrainer)  # only the model and loss hooks are exercised
+        trainer.cfg = SegmentationConfig(kind="upernet", model_kwargs=TINY_ARCH, decoder_channels=32, num_classes=3,
+                                         aux_loss_weight=weight)
+        trainer.device, trainer.amp_dtype = torch.device("cpu"), None
+        torch.manual_seed(0)
+        trainer.train_model = trainer._build_model().train()
+        return trainer
+
+    trainer = trainer_for(0.4)
+    model = trainer.train_model
+    assert model.aux_head is not None and trainer_for(0.0).train_model.aux_head is None
+    images = torch.rand(2, 3, 64, 80)
+    targets = torch.randint(0, 3, (2, 64, 80))
+    targets[:, :6] = 255
+    torch.manual_seed(3)
+    loss = trainer._forward_loss(images, targets)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        logits, aux = model(images, return_aux=True)
+    main = F.cross_entropy(logits, targets, ignore_index=255)
+    aux_loss = F.cross_entropy(aux, targets, ignore_index=255)
+    torch.testing.assert_close(loss.detach(), main + 0.4 * aux_loss, rtol=1e-6, atol=1e-6)
+    assert float(aux_loss) > 0.5  # 3 classes from random weights: about ln 3, so the sum really holds the aux term
+    loss.backward()
+    grads = [p.grad for p in model.aux_head.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and all(g.abs().sum() > 0 for g in grads)
+
+
+def test_aux_head_survives_save_and_load(tmp_path):
+    from open_fastervit.segmentation.train import load_segmenter
+    from open_fastervit.weights import save_weights
+
+    torch.manual_seed(0)
+    model = _aux_segmenter(num_classes=4)
+    with torch.no_grad():  # weights and BatchNorm statistics unlike any fresh initialisation
+        for value in model.aux_head.state_dict().values():
+            if value.is_floating_point():
+                value.add_(torch.rand_like(value))
+    path = save_weights(model, tmp_path / "seg.safetensors", metadata={
+        "task": "segmentation", "architecture": "fastervit_0", "build_config": model.build_config})
+    loaded = load_segmenter(path)
+    assert loaded.build_config["aux_head"] is True and loaded.aux_head is not None
+    saved = model.state_dict()
+    aux_keys = [k for k in saved if k.startswith("aux_head.")]
+    assert len(aux_keys) == 8  # conv weight, BN (weight, bias, running mean / var, count), classifier weight + bias
+    assert all(torch.equal(loaded.state_dict()[k], saved[k]) for k in aux_keys)
+    assert segmenter_from_config(model.build_config).aux_head is not None

@@ -344,39 +344,27 @@ def set_score_threshold(detector: nn.Module, threshold: float) -> None:
         target.score_thresh = min(float(target.score_thresh), float(threshold))
 
 
-def _image_files(inputs: list[str | Path]) -> list[Path]:
-    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path} does not exist")
-    if not files:
-        raise DatasetError(f"no images found in {', '.join(map(str, inputs))}")
-    return files
-
-
 @torch.inference_mode()
 def predict_detector(source: str | Path, inputs: list[str | Path], output: str | Path, *,
                      score_threshold: float = 0.5, device: str | None = None, fuse: bool = True) -> dict[str, Any]:
-    """Detect objects in image files (or folders of them); write one PNG per image with the boxes (and masks)
+    """Detect objects in image files (or folders of them, searched recursively with
+    ``open_fastervit.predict.expand_images``); write one PNG per image with the boxes (and masks)
     drawn and ``detections.json`` (COCO-style results with ``file_name``; boxes ``[x, y, w, h]`` in pixels).
 
     Returns:
         ``{"images": n, "detections": total above the threshold, "json": path, "pngs": [paths], "skipped": [...]}``.
 
     Raises:
-        CheckpointError: unusable weights; FileNotFoundError / DatasetError: no input images.
+        CheckpointError: unusable weights; ImageReadError (a ValueError): an input that does not exist, a folder
+            without images.
     """
     from torchvision.transforms.v2.functional import pil_to_tensor
 
+    from ..predict import expand_images
     from .metrics import to_coco_results
     from .visualize import draw_detections, save_png
 
+    files = expand_images(inputs, recursive=True)  # before loading the model: a bad input fails fast
     device_ = torch.device(device or "cpu")
     model = load_detector(source, device=device_)
     runner = inference_copy(model) if fuse else model
@@ -388,7 +376,7 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
     set_score_threshold(runner, score_threshold)
     results, pngs, skipped = [], [], []
     names = OutputNames()
-    for image_id, path in enumerate(_image_files(inputs), start=1):
+    for image_id, path in enumerate(files, start=1):
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
             output_ = runner([image.to(device_)])[0]

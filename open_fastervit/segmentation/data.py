@@ -4,7 +4,9 @@
 without masks, masks without images, unreadable files, image / mask size mismatches and label values outside
 ``0..num_classes-1`` (other than ``ignore_index``) are reported (a logged warning and ``dataset.problems``) and the
 pair is left out; nothing of that kind raises. Images that pass the header check but fail to decode when loaded
-(truncated files) are replaced by the next readable pair, as ``open_fastervit.data.SkipUnreadable`` does.
+(truncated files) are replaced by the next readable pair in training, as ``open_fastervit.data.SkipUnreadable``
+does; an evaluation folder (``substitute_unreadable=False``) serves ``None`` for them instead, which
+``collate_segmentation`` drops, so they are left out of the metrics rather than a neighbour being counted twice.
 
 Masks are class-index images: 8-bit grayscale, 16-bit grayscale, 1-bit or palette (``P``) PNGs, whose *indices* are
 the labels (a palette PNG is never converted to its RGB colours). Colour (RGB / RGBA) masks are refused: they need a
@@ -204,6 +206,9 @@ class SegmentationFolder(Dataset):
         images, masks: folder names.
         transforms: joint transform ``(image, mask) -> (image, mask)``, e.g. ``train_transforms()``.
         check_labels: decode masks while opening to check label values (required when ``num_classes`` is None).
+        substitute_unreadable: what a pair that fails to decode when loaded gives: True (training) the next
+            readable pair, so batch shapes never change; False (evaluation) ``None``, so it is left out of the
+            metrics (``collate_segmentation`` drops it) instead of a neighbour being counted twice.
 
     Attributes:
         samples: ``(image_path, mask_path)`` pairs kept. problems: ``DataProblem`` list. class_pixel_counts:
@@ -218,8 +223,10 @@ class SegmentationFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str | None = "train", images: str = "images",
                  masks: str = "masks", transforms: Callable | None = None, reduce_zero_label: bool = False,
-                 ignore_index: int = 255, num_classes: int | None = None, *, check_labels: bool = True) -> None:
+                 ignore_index: int = 255, num_classes: int | None = None, *, check_labels: bool = True,
+                 substitute_unreadable: bool = True) -> None:
         self.root = Path(root).expanduser()
+        self.substitute_unreadable = bool(substitute_unreadable)
         self.split = split
         self.transforms = transforms
         self.reduce_zero_label = reduce_zero_label
@@ -344,14 +351,25 @@ class SegmentationFolder(Dataset):
             raise _PairError("size_mismatch", mask_path, f"mask {tuple(mask.shape)} vs image {tuple(image.shape[-2:])}")
         return image, mask
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | None:
         """``(image float (3, H, W) in [0, 1], mask int64 (H, W))`` after ``transforms``. A pair that fails to
-        decode is flagged in ``bad`` (shared across loader workers), reported (in this process's ``problems`` and
-        the log) and the next pair is served instead, so batch shapes never change.
+        decode is flagged in ``bad`` (shared across loader workers) and reported (in this process's ``problems`` and
+        the log); then with ``substitute_unreadable`` (training) the next pair is served instead, so batch shapes
+        never change, and without it (evaluation) ``None`` is returned: the pair is left out, never replaced.
 
         Raises:
-            RuntimeError: ``MAX_CONSECUTIVE_FAILURES`` consecutive pairs could not be decoded.
+            RuntimeError: ``MAX_CONSECUTIVE_FAILURES`` consecutive pairs could not be decoded (training).
         """
+        if not self.substitute_unreadable:
+            try:
+                image, mask = self._load(index)
+            except _PairError as err:
+                if not self.bad[index]:
+                    self.bad[index] = 1
+                    self._report(err.kind, err.path, f"{err.detail} (left out of the evaluation)")
+                    logger.warning("leaving unreadable pair %s out of the evaluation: %s", err.path, err.detail)
+                return None
+            return self._finish(image, mask)
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
             current = (index + attempt) % len(self)
             try:
@@ -365,6 +383,10 @@ class SegmentationFolder(Dataset):
         else:
             raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive unreadable pairs from index {index} in "
                                f"{self.image_dir}; is the dataset corrupt?")
+        return self._finish(image, mask)
+
+    def _finish(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``transforms`` applied to a decoded pair (uint8 ``(3, H, W)``, int64 ``(H, W)``); the image as float."""
         image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
@@ -374,7 +396,8 @@ class SegmentationFolder(Dataset):
         return image, mask.as_subclass(Tensor).to(torch.int64)
 
     def skipped(self) -> list[str]:
-        """Image paths of the pairs that failed to decode at load time so far (from every loader worker)."""
+        """Image paths of the pairs that failed to decode at load time so far (from every loader worker): replaced
+        by a neighbour in training, left out in evaluation."""
         return [str(self.samples[int(i)][0]) for i in torch.nonzero(self.bad).flatten()]
 
     def __repr__(self) -> str:
@@ -457,8 +480,13 @@ def eval_transforms() -> v2.Compose:
     return v2.Compose([v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)])
 
 
-def collate_segmentation(batch: Sequence[tuple[Tensor, Tensor]], ignore_index: int = 255) -> tuple[Tensor, Tensor]:
+def collate_segmentation(batch: Sequence[tuple[Tensor, Tensor] | None],
+                         ignore_index: int = 255) -> tuple[Tensor, Tensor]:
     """Stack ``(image (C, H, W), mask (H, W))`` pairs into ``(B, C, H_max, W_max)`` / ``(B, H_max, W_max)``.
+
+    ``None`` items (unreadable pairs of an evaluation ``SegmentationFolder``) are dropped, so ``B`` counts the
+    readable ones; a batch of ``None`` only gives empty tensors ``(0, 3, 0, 0)`` / ``(0, 0, 0)``, which callers
+    skip.
 
     Equal sizes (training crops) are stacked as they are. Different sizes (evaluation at native resolution) are
     padded at the bottom / right: images with 0, masks with ``ignore_index``, so padded pixels never count. (The
@@ -470,14 +498,17 @@ def collate_segmentation(batch: Sequence[tuple[Tensor, Tensor]], ignore_index: i
     """
     if not batch:
         raise ValueError("collate_segmentation got an empty batch")
-    for image, mask in batch:
+    pairs = [item for item in batch if item is not None]
+    if not pairs:
+        return torch.zeros(0, 3, 0, 0), torch.zeros(0, 0, 0, dtype=torch.int64)
+    for image, mask in pairs:
         if tuple(image.shape[-2:]) != tuple(mask.shape[-2:]):
             raise ValueError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)} differ in size")
-    height = max(int(image.shape[-2]) for image, _ in batch)
-    width = max(int(image.shape[-1]) for image, _ in batch)
+    height = max(int(image.shape[-2]) for image, _ in pairs)
+    width = max(int(image.shape[-1]) for image, _ in pairs)
     images: list[Tensor] = []
     masks: list[Tensor] = []
-    for image, mask in batch:
+    for image, mask in pairs:
         pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
         images.append(torch.nn.functional.pad(image, pad, value=0) if any(pad) else image)
         masks.append(torch.nn.functional.pad(mask, pad, value=ignore_index) if any(pad) else mask)

@@ -11,7 +11,11 @@ classes are not used: they build their encoder from a name, and they refuse inpu
 * pads the normalised image at the bottom / right to the decoder's ``size_divisor`` (32 for FPN, whose top-down path
   upsamples by exactly 2; none for UPerNet, which resizes to each lateral's size), upsamples the stride-4 logits by 4
   (bilinear, ``align_corners=False``) and crops them back, so it returns ``(B, num_classes, H, W)`` logits for any
-  ``H, W >= 32``.
+  ``H, W >= 32``;
+* optionally (``aux_head=True``) carries the auxiliary FCN head of the usual UPerNet ADE20K training recipe on the
+  stride-16 (third stage) features: a 3x3 conv to 256 channels, BatchNorm, ReLU, Dropout2d(0.1), a 1x1 classifier.
+  It is a training aid only: ``forward(images)`` never runs it, ``forward(images, return_aux=True)`` also returns its
+  logits (upsampled to the input size) for the loss ``main + aux_weight * aux``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import copy
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,7 @@ __all__ = [
     "SEGMENTER_KINDS",
     "Segmenter",
     "build_segmenter",
+    "fcn_aux_head",
     "segmenter_backbone",
     "segmenter_from_config",
     "segmenter_param_groups",
@@ -55,6 +60,33 @@ DECODER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 #: Backbone options that would break the decoders (they need all four stages, in order).
 FIXED_OUT_INDICES = (0, 1, 2, 3)
+#: The auxiliary FCN head: backbone output it reads (the third stage, stride 16), its width and its dropout.
+AUX_STAGE = 2
+AUX_CHANNELS = 256
+AUX_DROPOUT = 0.1
+
+
+def fcn_aux_head(in_channels: int, num_classes: int, channels: int = AUX_CHANNELS,
+                 dropout: float = AUX_DROPOUT) -> nn.Sequential:
+    """The auxiliary FCN head: ``Conv2d 3x3 (in_channels -> channels, no bias)``, ``BatchNorm2d``, ``ReLU``,
+    ``Dropout2d(dropout)``, ``Conv2d 1x1 (channels -> num_classes)``; maps ``(B, in_channels, h, w)`` to
+    ``(B, num_classes, h, w)`` logits at the feature resolution.
+
+    Raises:
+        ValueError: a channel or class count < 1, or a dropout outside [0, 1).
+    """
+    if min(int(in_channels), int(channels), int(num_classes)) < 1:
+        raise ValueError(f"aux head sizes must be >= 1, got in_channels={in_channels}, channels={channels}, "
+                         f"num_classes={num_classes}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"aux head dropout must be in [0, 1), got {dropout}")
+    return nn.Sequential(
+        nn.Conv2d(int(in_channels), int(channels), kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(int(channels)),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(float(dropout)) if dropout > 0 else nn.Identity(),
+        nn.Conv2d(int(channels), int(num_classes), kernel_size=1),
+    )
 
 
 class Segmenter(nn.Module):
@@ -63,22 +95,25 @@ class Segmenter(nn.Module):
     Built by ``build_segmenter`` (which also sets ``build_config``). Sub-modules: ``backbone`` (a
     ``FasterViTBackbone`` with ``out_indices=(0, 1, 2, 3)``), ``decoder`` (smp decoder returning a stride-4 map of
     ``decoder_out_channels`` channels), ``dropout`` and ``segmentation_head`` (smp ``SegmentationHead``, a 1x1 conv
-    without upsampling). ``mean`` / ``std`` are non-persistent buffers: the state dict holds only learned tensors
-    and BatchNorm statistics.
+    without upsampling), and ``aux_head`` (the auxiliary FCN head on the stride-16 features, or None). ``mean`` /
+    ``std`` are non-persistent buffers: the state dict holds only learned tensors and BatchNorm statistics.
 
     Args:
         size_divisor: the backbone input is padded (bottom / right, zeros after normalisation) to a multiple of this.
         mean, std: per-channel normalisation of the [0, 1] input (length ``backbone.in_chans``).
+        aux_head: a training-only head on backbone output ``AUX_STAGE`` (e.g. ``fcn_aux_head``); run only when
+            ``forward(..., return_aux=True)`` asks for it.
     """
 
     def __init__(self, backbone: FasterViTBackbone, decoder: nn.Module, segmentation_head: nn.Module, *, kind: str,
                  num_classes: int, size_divisor: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, aux_head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.segmentation_head = segmentation_head
+        self.aux_head = aux_head
         self.kind = kind
         self.num_classes = num_classes
         self.size_divisor = size_divisor
@@ -96,14 +131,24 @@ class Segmenter(nn.Module):
         self.backbone.fuse()
         return self.eval()
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Per-pixel class logits.
+    @overload
+    def forward(self, images: Tensor, return_aux: Literal[False] = ...) -> Tensor: ...
+
+    @overload
+    def forward(self, images: Tensor, return_aux: Literal[True]) -> tuple[Tensor, Tensor | None]: ...
+
+    def forward(self, images: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Per-pixel class logits (and, when asked, the auxiliary head's).
 
         Args:
             images: ``(B, C, H, W)`` floats in [0, 1] (not checked), ``C = backbone.in_chans``, ``H, W >= 32``.
+            return_aux: also run the auxiliary head (training: the trainer asks for it when its loss weight is > 0;
+                a model without one gives None). The main logits are the same either way.
 
         Returns:
-            ``(B, num_classes, H, W)`` logits (before softmax), at the input resolution.
+            ``(B, num_classes, H, W)`` logits (before softmax), at the input resolution; with ``return_aux`` the pair
+            ``(logits, aux_logits)``, ``aux_logits`` also ``(B, num_classes, H, W)`` (bilinearly upsampled from
+            stride 16) or None.
 
         Raises:
             ValueError: not a 4-D tensor, a wrong channel count, or a side under 32 px.
@@ -129,8 +174,16 @@ class Segmenter(nn.Module):
         decoded = self.decoder([x, placeholder, *maps])
         logits = self.segmentation_head(self.dropout(decoded))
         size = (logits.shape[-2] * DECODER_STRIDE, logits.shape[-1] * DECODER_STRIDE)
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits[..., :height, :width]
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[..., :height, :width]
+        if not return_aux:
+            return logits
+        if self.aux_head is None:
+            return logits, None
+        aux = self.aux_head(maps[AUX_STAGE])
+        stride = int(self.backbone.strides[AUX_STAGE])
+        size = (max(aux.shape[-2] * stride, height), max(aux.shape[-1] * stride, width))
+        aux = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        return logits, aux[..., :height, :width]
 
 
 def _json_ready(value: Any) -> Any:
@@ -179,6 +232,8 @@ def build_segmenter(
     *,
     backbone_kwargs: Mapping[str, Any] | None = None,
     decoder_channels: int | None = None,
+    aux_head: bool = False,
+    aux_channels: int = AUX_CHANNELS,
     **decoder_kwargs: Any,
 ) -> Segmenter:
     """A FasterViT segmentation model with smp's UPerNet or FPN decoder.
@@ -192,6 +247,9 @@ def build_segmenter(
             ``out_indices`` must be left out (or be ``(0, 1, 2, 3)``): the decoders take all four stages.
         decoder_channels: decoder width (UPerNet: every lateral / PSP / fusion conv, default 512; FPN: the pyramid
             channels, default 256).
+        aux_head: add the training-only auxiliary FCN head (``fcn_aux_head``) on the stride-16 backbone features,
+            as the UPerNet ADE20K recipe trains with; inference never runs it.
+        aux_channels: width of its 3x3 conv (256).
         decoder_kwargs: per kind (defaults in ``DECODER_OPTIONS``): UPerNet ``use_norm`` (smp's norm spec, default
             ``"batchnorm"``), ``dropout`` (before the classifier, 0.1); FPN ``segmentation_channels`` (128, a
             multiple of 32), ``dropout`` (0.2), ``merge_policy`` (``"add"`` / ``"cat"``), ``interpolation_mode``.
@@ -202,7 +260,8 @@ def build_segmenter(
 
     Raises:
         ValueError: unknown ``kind`` (the message lists the valid ones), unknown decoder options, ``num_classes <
-            1``, ``out_indices`` other than ``(0, 1, 2, 3)``, or anything ``create_backbone`` refuses.
+            1``, ``aux_channels < 1``, ``out_indices`` other than ``(0, 1, 2, 3)``, or anything ``create_backbone``
+            refuses.
         CheckpointError: a missing or mismatching backbone checkpoint.
     """
     kind = str(kind).lower()
@@ -243,14 +302,20 @@ def build_segmenter(
     head = segmentation_head(in_channels=out_channels, out_channels=num_classes, kernel_size=1, upsampling=1)
     initialization.initialize_decoder(decoder)
     initialization.initialize_head(head)
+    aux: nn.Sequential | None = None
+    if aux_head:
+        aux = fcn_aux_head(trunk.out_channels[AUX_STAGE], num_classes, int(aux_channels))
+        initialization.initialize_decoder(aux[:-1])
+        initialization.initialize_head(aux[-1:])
 
     mean, std = _normalisation(trunk)
     model = Segmenter(trunk, decoder, head, kind=kind, num_classes=num_classes, size_divisor=size_divisor,
-                      mean=mean, std=std, dropout=head_dropout)
+                      mean=mean, std=std, dropout=head_dropout, aux_head=aux)
     model.decoder_out_channels = out_channels
     model.build_config = _json_ready({
         "kind": kind, "backbone": backbone, "num_classes": num_classes, "backbone_kwargs": bb_kwargs,
         "decoder_channels": channels, **options,
+        **({"aux_head": True, "aux_channels": int(aux_channels)} if aux_head else {}),
     })
     return model.train()
 
@@ -260,7 +325,7 @@ def segmenter_from_config(config: Mapping[str, Any], *, load_backbone_weights: b
 
     Args:
         config: a ``Segmenter.build_config`` (``kind``, ``backbone``, ``num_classes``, ``backbone_kwargs``,
-            ``decoder_channels`` and the decoder options).
+            ``decoder_channels``, the decoder options, and ``aux_head`` / ``aux_channels`` when it has that head).
         load_backbone_weights: keep ``checkpoint`` / ``pretrained`` from ``backbone_kwargs`` (False: the backbone is
             built with random weights, as the saved state dict replaces them anyway).
 

@@ -10,7 +10,9 @@ confusion matrix summed over ranks, computed on whole images in the backbone's i
 ``best.safetensors`` holds the weights with the best mIoU.
 
 The paper's recipe (UPerNet on ADE20K: AdamW, lr 6e-5 at batch 16, weight decay 0.01, 512 x 512 crops, 160k
-iterations, poly schedule) is ``--recipe upernet_ade20k_160k``, the lr scaled linearly to the run's global batch.
+iterations, poly schedule, an auxiliary FCN head on the stride-16 features with loss weight 0.4) is
+``--recipe upernet_ade20k_160k``, the lr scaled linearly to the run's global batch. ``--aux-loss-weight`` adds
+that training-only head to any run (0, the default elsewhere, leaves it out).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class SegmentationConfig(DenseConfig):
     vflip: float = _opt(0.0, "vertical flip probability (aerial and microscopy images)")
     color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter (0: off)")
     decoder_channels: int | None = _opt(None, "decoder width (UPerNet 512, FPN 256)")
+    aux_loss_weight: float = _opt(0.0, "weight of the auxiliary FCN head's loss on the stride-16 features "
+                                       "(training only; the ADE20K recipe uses 0.4); 0: no auxiliary head")
     weight_decay: float = _opt(0.01, "weight decay (not applied to biases, norms, layer scales)")
     lr_base: float = _opt(6e-5, "learning rate at global batch lr_base_size (linear scaling)")
     output: str = _opt("runs/segment", "output folder")
@@ -77,22 +81,31 @@ def open_segmentation_data(cfg: SegmentationConfig) -> tuple[Any, Any]:
     val_set = None
     if cfg.val_split:
         common["num_classes"] = cfg.num_classes or train_set.num_classes
-        val_set = SegmentationFolder(cfg.data, cfg.val_split, transforms=eval_transforms(), **common)
+        val_set = SegmentationFolder(cfg.data, cfg.val_split, transforms=eval_transforms(),
+                                     substitute_unreadable=False, **common)
     return train_set, val_set
 
 
 @torch.inference_mode()
 def segment_dataset(model: nn.Module, loader: Any, device: torch.device, num_classes: int, ignore_index: int,
-                    amp_dtype: torch.dtype | None = None) -> Any:
-    """The ``SegmentationMetric`` of ``model`` (eval mode) over ``loader``'s ``(images, masks)`` batches."""
+                    amp_dtype: torch.dtype | None = None) -> tuple[Any, int]:
+    """The ``SegmentationMetric`` of ``model`` (eval mode) over ``loader``'s ``(images (B, C, H, W), masks (B, H,
+    W))`` batches, and the number of images counted.
+
+    Empty batches (``B = 0``: every pair of the batch unreadable, left out by ``collate_segmentation``) are skipped,
+    so an unreadable image of an evaluation ``SegmentationFolder`` is left out, never replaced by another."""
     from .metrics import SegmentationMetric
 
     metric = SegmentationMetric(num_classes, ignore_index, device=device)
+    count = 0
     for images, masks in loader:
+        if images.shape[0] == 0:
+            continue
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images.to(device))
         metric.update(logits.float(), masks.to(device))
-    return metric
+        count += int(images.shape[0])
+    return metric, count
 
 
 def _all_reduce(confusion: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -123,7 +136,7 @@ class SegmentationTrainer(DenseTrainer):
         num_classes = cfg.num_classes or self.train_set.num_classes
         self.num_classes = num_classes
         return build_segmenter(cfg.kind, cfg.model, num_classes, backbone_kwargs=backbone_kwargs,
-                               decoder_channels=cfg.decoder_channels)
+                               decoder_channels=cfg.decoder_channels, aux_head=cfg.aux_loss_weight > 0)
 
     def _input_size(self) -> tuple[int, int, int]:
         return (3, self.cfg.crop_size, self.cfg.crop_size)
@@ -147,23 +160,34 @@ class SegmentationTrainer(DenseTrainer):
         return images, masks.to(self.device, non_blocking=True)
 
     def _forward_loss(self, images: Any, targets: Any) -> torch.Tensor:
+        """Per-pixel cross-entropy of ``images (B, 3, H, W)`` against ``targets (B, H, W)`` (``ignore_index`` left
+        out), plus ``aux_loss_weight`` times the auxiliary head's cross-entropy when that weight is > 0."""
+        weight = float(self.cfg.aux_loss_weight)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.train_model(images)
-        return F.cross_entropy(logits.float(), targets, ignore_index=self.cfg.ignore_index)
+            if weight > 0:
+                logits, aux = self.train_model(images, return_aux=True)
+            else:
+                logits, aux = self.train_model(images), None
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=self.cfg.ignore_index)
+        if aux is not None:
+            loss = loss + weight * F.cross_entropy(aux.float(), targets, ignore_index=self.cfg.ignore_index)
+        return loss
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """mIoU, pixel accuracy and per-class IoU of ``model`` on the val split (whole images, inference form of
-        the backbone; each rank its shard, confusion matrices summed)."""
+        the backbone; each rank its shard, confusion matrices summed). Unreadable images are left out (logged);
+        ``count`` is the number of images evaluated."""
         was_training = model.training
         try:
-            metric = segment_dataset(inference_copy(model), self.val_loader, self.device, self.num_classes,
-                                     self.cfg.ignore_index, self.amp_dtype)
+            metric, count = segment_dataset(inference_copy(model), self.val_loader, self.device, self.num_classes,
+                                            self.cfg.ignore_index, self.amp_dtype)
         finally:
             model.train(was_training)
         _all_reduce(metric.confusion, self.info)
+        evaluated = _all_reduce(torch.tensor([count], dtype=torch.int64, device=metric.confusion.device), self.info)
         values = metric.compute()
         row: dict[str, Any] = {"mIoU": values["mIoU"], "pixel_accuracy": values["pixel_accuracy"],
-                               "mean_accuracy": values["mean_accuracy"], "count": len(self.val_set)}
+                               "mean_accuracy": values["mean_accuracy"], "count": int(evaluated.item())}
         for name, iou in zip(self.class_names, values["per_class_iou"]):
             row[f"IoU_{name}"] = iou
         return row
@@ -185,6 +209,8 @@ def train_segmenter(cfg: SegmentationConfig) -> dict[str, Any]:
         TrainingDiverged: a NaN loss (the last good checkpoint is kept).
     """
     check_config(cfg)
+    if not cfg.aux_loss_weight >= 0:
+        raise ValueError(f"aux_loss_weight must be >= 0 (0: no auxiliary head), got {cfg.aux_loss_weight}")
     if cfg.kind == "upernet" and cfg.batch_size < 2:
         raise ValueError("upernet needs batch_size >= 2 per process in training (its pooling branch normalises "
                          "1x1 maps with BatchNorm); use kind fpn for batch 1")
@@ -202,7 +228,8 @@ def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val",
                        masks: str = "masks", ignore_index: int = 255, reduce_zero_label: bool = False,
                        json_path: str | Path | None = None, device: str | None = None, fuse: bool = True,
                        workers: int = 1) -> dict[str, Any]:
-    """mIoU, pixel accuracy and per-class IoU of a trained segmenter on one split (whole images).
+    """mIoU, pixel accuracy and per-class IoU of a trained segmenter on one split (whole images). An image that
+    fails to decode is left out of the metrics (a logged warning), never replaced by another.
 
     Returns:
         ``{"mIoU", "pixel_accuracy", "mean_accuracy", "per_class_iou": {name: IoU}}``, also written to
@@ -211,6 +238,8 @@ def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val",
     Raises:
         CheckpointError, DatasetError: unusable weights or data.
     """
+    import functools
+
     from ..data import LoaderOptions, build_eval_loader
     from .data import SegmentationFolder, collate_segmentation, eval_transforms
 
@@ -219,11 +248,15 @@ def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val",
     num_classes = int(model.build_config["num_classes"])
     dataset = SegmentationFolder(data, split, images=images, masks=masks, transforms=eval_transforms(),
                                  reduce_zero_label=reduce_zero_label, ignore_index=ignore_index,
-                                 num_classes=num_classes)
+                                 num_classes=num_classes, substitute_unreadable=False)
     loader = build_eval_loader(dataset, dataset.transforms, 1, LoaderOptions(workers=workers),
-                               collate_fn=collate_segmentation)
+                               collate_fn=functools.partial(collate_segmentation, ignore_index=ignore_index))
     runner = inference_copy(model) if fuse else model
-    values = segment_dataset(runner, loader, device_, num_classes, ignore_index).compute()
+    metric, count = segment_dataset(runner, loader, device_, num_classes, ignore_index)
+    if count < len(dataset):
+        logger.warning("%d of %d image(s) could not be read and were left out of the evaluation: %s",
+                       len(dataset) - count, len(dataset), ", ".join(dataset.skipped()))
+    values = metric.compute()
     names = model.class_names or [f"class_{i}" for i in range(num_classes)]
     out = {"mIoU": values["mIoU"], "pixel_accuracy": values["pixel_accuracy"],
            "mean_accuracy": values["mean_accuracy"],
@@ -237,19 +270,23 @@ def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val",
 @torch.inference_mode()
 def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str | Path, *,
                       device: str | None = None, fuse: bool = True, alpha: float = 0.5) -> dict[str, Any]:
-    """Segment image files (or folders of them): write ``<name>_mask.png`` (class indices, 8-bit, or 16-bit for
+    """Segment image files (or folders of them, searched recursively with ``open_fastervit.predict.expand_images``):
+    write ``<name>_mask.png`` (class indices, 8-bit, or 16-bit for
     more than 256 classes) and ``<name>_overlay.png`` (colours over the image) per image, and ``predictions.json``
     (per image: the files and the pixel share of each class).
 
     Raises:
-        CheckpointError: unusable weights; FileNotFoundError / DatasetError: no input images.
+        CheckpointError: unusable weights; ImageReadError (a ValueError): an input that does not exist, a folder
+            without images.
     """
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from ..detection.train import OutputNames, _image_files
+    from ..detection.train import OutputNames
+    from ..predict import expand_images
     from .visualize import overlay_mask, save_png
 
+    files = expand_images(inputs, recursive=True)  # before loading the model: a bad input fails fast
     device_ = torch.device(device or "cpu")
     model = load_segmenter(source, device=device_)
     runner = inference_copy(model) if fuse else model
@@ -259,7 +296,7 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     records, skipped = [], []
     stems = OutputNames()
-    for path in _image_files(inputs):
+    for path in files:
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
             prediction = runner(image[None].to(device_))[0].argmax(0).cpu()
