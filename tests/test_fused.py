@@ -114,7 +114,7 @@ def test_fused_bf16_autocast_uses_packed_bf16_and_stays_close(kernel_calls) -> N
     assert kernel_calls["FusedLinear"] > 0 and kernel_calls["FusedConv2d"] > 0
     assert rel_err(out, ref) < max(3 * rel_err(plain_bf16, ref), 2e-2)
     assert rel_err(fp32_again, ref) < 1e-5
-    dtypes = {d for m in fused.modules() if isinstance(m, FusedLinear) for d in m._packed}
+    dtypes = {key[0] for m in fused.modules() if isinstance(m, FusedLinear) for key in m._packed}
     assert dtypes == {torch.float32, torch.bfloat16}
 
 
@@ -129,7 +129,8 @@ def test_bf16_without_packed_kernels_takes_the_plain_path(monkeypatch, kernel_ca
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = fused(x)
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 5e-2
-    assert all(torch.bfloat16 not in m._packed for m in fused.modules() if isinstance(m, (FusedLinear, FusedConv2d)))
+    assert all(key[0] != torch.bfloat16 for m in fused.modules() if isinstance(m, (FusedLinear, FusedConv2d))
+               for key in m._packed)
 
 
 @needs_onednn_bf16
@@ -266,3 +267,23 @@ def test_fuse_inside_inference_mode_runs_and_never_goes_stale() -> None:
         assert rel_err(fused(x), ref) < 1e-5  # cached biases reused
         fused.load_state_dict(copy.deepcopy(other).fuse().state_dict())  # in place, inside inference mode
         assert rel_err(fused(x), ref_other) < 1e-5
+
+
+@needs_onednn
+def test_convolutions_keep_one_packed_copy_per_input_shape(kernel_calls) -> None:
+    """oneDNN lays a packed conv weight out for the input shape it is told (weights packed for batch 16 ran batch 1
+    4.7x slower on AVX2): each conv keeps one packed copy per input shape, at most ``max_packed``, oldest dropped;
+    linears keep one per dtype. Outputs match the plain model at every batch size."""
+    model = tiny()
+    fused = copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)
+    stem_conv = next(m for m in fused.modules() if isinstance(m, FusedConv2d))
+    linear = next(m for m in fused.modules() if isinstance(m, FusedLinear))
+    with torch.no_grad():
+        for batch in (1, 4, 1, 2, 3, 5, 6):
+            x = torch.randn(batch, 3, 64, 64).to(memory_format=torch.channels_last)
+            assert rel_err(fused(x), model(x)) < 1e-5
+            if batch == 4:
+                assert [key[1] for key in stem_conv._packed] == [1, 4]  # batch 1 and batch 4 layouts
+    assert len(stem_conv._packed) == FusedConv2d.max_packed
+    assert [key[1] for key in stem_conv._packed] == [2, 3, 5, 6]
+    assert list(linear._packed) == [(torch.float32,)]
