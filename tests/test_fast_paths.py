@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, randomise
 from timm.utils import reparameterize_model
 
-from open_fastervit.layers import Attention, ContinuousRelPosBias
+from open_fastervit.layers import Attention, ContinuousRelPosBias, TokenPosEmbed
 
 SIZES = [(64, 64), (70, 90)]  # (64, 64): padded stage maps; (70, 90): non-square, HAT + padding
 
@@ -24,7 +24,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def caches(model: torch.nn.Module) -> int:
-    return sum(len(m._cache) for m in model.modules() if isinstance(m, ContinuousRelPosBias))
+    return sum(len(m._cache) for m in model.modules() if isinstance(m, (ContinuousRelPosBias, TokenPosEmbed)))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -91,6 +91,8 @@ def test_cache_invalidated_by_load_to_and_inplace_updates() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         model(x)
+        token_caches = [m._cache for m in model.modules() if isinstance(m, TokenPosEmbed)]
+        assert token_caches and all(len(c) == 1 for c in token_caches)  # token position embeddings cached too
         model.load_state_dict(other.state_dict())  # new weights: the cache must not survive
         torch.testing.assert_close(model(x), other(x))
         # in-place update of a position MLP (what an EMA update does) is seen at once

@@ -6,6 +6,8 @@ any window, carrier grid or input size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.models import register_notrace_function
@@ -59,11 +61,47 @@ def relative_position_index(h: int, w: int, device: torch.device) -> Tensor:
     return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
 
 
-class TokenPosEmbed(nn.Module):
+class _GeometryCache(nn.Module):
+    """A value computed from this module's weights and a geometry, cached in inference (eval mode, no autograd,
+    not tracing) per geometry, device, dtype and autocast state, and used only while still valid (:func:`_stamp`).
+    """
+
+    max_cached = 64  # geometries kept at once (many input sizes in one process: memory stays bounded)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple, tuple[tuple, Tensor]] = {}
+
+    def _cached(self, geometry: tuple, tensors: tuple[Tensor, ...], compute: Callable[[], Tensor]) -> Tensor:
+        if self.training or torch.is_grad_enabled() or tracing():
+            return compute()
+        weight = tensors[0]
+        device = weight.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (*geometry, weight.device, weight.dtype, amp)
+        hit = self._cache.get(key)
+        if hit is not None and _still_valid(hit[0], tensors):
+            return hit[1]
+        if len(self._cache) >= self.max_cached:
+            self._cache.clear()
+        value = compute()
+        self._cache[key] = (_stamp(tensors), value)
+        return value
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): the cache holds old-device tensors
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: the cache is not state
+        return {**self.__dict__, "_cache": {}}
+
+
+class TokenPosEmbed(_GeometryCache):
     """Continuous token position encoding: an MLP over normalised grid coordinates (paper Sec. 3.2).
 
-    Used for the window tokens (a ``ws x ws`` grid) and the carrier tokens (the carrier grid). Recomputed every
-    call (a few small matrix products), so it always reflects the current weights.
+    Used for the window tokens (a ``ws x ws`` grid) and the carrier tokens (the carrier grid). In inference the
+    embedding of a grid is cached and reused while the MLP's weights are unchanged (as :class:`ContinuousRelPosBias`
+    does); in training it is recomputed every call.
     """
 
     def __init__(self, dim: int, hidden: int = POS_MLP_HIDDEN) -> None:
@@ -72,11 +110,15 @@ class TokenPosEmbed(nn.Module):
 
     def forward(self, h: int, w: int) -> Tensor:
         """Embedding of an ``h x w`` grid, row-major: ``(1, h*w, C)``."""
+        tensors = (self.mlp[0].weight, self.mlp[0].bias, self.mlp[2].weight)
+        return self._cached((h, w), tensors, lambda: self.compute(h, w))
+
+    def compute(self, h: int, w: int) -> Tensor:
         weight = self.mlp[0].weight
         return self.mlp(grid_coordinates(h, w, weight.device, weight.dtype)).unsqueeze(0)
 
 
-class ContinuousRelPosBias(nn.Module):
+class ContinuousRelPosBias(_GeometryCache):
     """SwinV2-style continuous relative position bias: MLP over log-spaced offsets, ``16 * sigmoid``.
 
     For window attention over a padded map it also folds in the key mask of the padded positions.
@@ -89,12 +131,9 @@ class ContinuousRelPosBias(nn.Module):
     buffers, out of reach of parameter updates) the check is identity and version counter, which is cheaper.
     """
 
-    max_cached = 64  # geometries kept at once (many input sizes in one process: memory stays bounded)
-
     def __init__(self, num_heads: int, hidden: int = POS_MLP_HIDDEN) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, num_heads, bias=False))
-        self._cache: dict[tuple, tuple[tuple[Tensor, ...], Tensor]] = {}
 
     def forward(self, h: int, w: int, num_prefix: int = 0, grid: WindowGrid | None = None) -> Tensor:
         """Bias of an ``h x w`` window: ``(1, heads, P + h*w, P + h*w)``; pairs with a prefix token get 0.
@@ -102,21 +141,8 @@ class ContinuousRelPosBias(nn.Module):
         With ``grid`` (the map cut into such windows) the result is per window, ``(nW, heads, N, N)``, with ``-inf``
         on padded keys (:meth:`WindowGrid.key_mask`); pass it only when the map needs padding or when tracing.
         """
-        if self.training or torch.is_grad_enabled() or tracing():
-            return self.compute(h, w, num_prefix, grid)
-        weight = self.mlp[0].weight
-        device = weight.device.type
-        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        key = (h, w, num_prefix, grid, weight.device, weight.dtype, amp)
         tensors = (self.mlp[0].weight, self.mlp[0].bias, self.mlp[2].weight)
-        hit = self._cache.get(key)
-        if hit is not None and _still_valid(hit[0], tensors):
-            return hit[1]
-        if len(self._cache) >= self.max_cached:
-            self._cache.clear()
-        value = self.compute(h, w, num_prefix, grid)
-        self._cache[key] = (_stamp(tensors), value)
-        return value
+        return self._cached((h, w, num_prefix, grid), tensors, lambda: self.compute(h, w, num_prefix, grid))
 
     def compute(self, h: int, w: int, num_prefix: int = 0, grid: WindowGrid | None = None) -> Tensor:
         weight = self.mlp[0].weight
@@ -130,16 +156,9 @@ class ContinuousRelPosBias(nn.Module):
             bias = bias + grid.key_mask(num_prefix, weight.device, bias.dtype)  # (nW, heads, N, N)
         return bias
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): the cache holds old-device tensors
-        self._cache.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self) -> dict:  # deepcopy / pickle: the cache is not state
-        return {**self.__dict__, "_cache": {}}
-
 
 def _stamp(tensors: tuple[Tensor, ...]) -> tuple:
-    """What a cached bias was computed from. Parameters (a trainable model): a copy of their values, since
+    """What a cached value was computed from. Parameters (a trainable model): a copy of their values, since
     ``.data`` edits and swaps bypass version counters. Buffers only (the inference snapshot, ``layers.fused.freeze``,
     whose parameters no update can reach): the tensors themselves (held) and their version counters, which every
     remaining route (``load_state_dict``, in-place ops on ``state_dict()`` tensors) bumps. Inference tensors (the
