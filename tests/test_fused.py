@@ -287,3 +287,28 @@ def test_convolutions_keep_one_packed_copy_per_input_shape(kernel_calls) -> None
     assert len(stem_conv._packed) == FusedConv2d.max_packed
     assert [key[1] for key in stem_conv._packed] == [2, 3, 5, 6]
     assert list(linear._packed) == [(torch.float32,)]
+
+
+@needs_onednn
+def test_packed_linears_only_up_to_the_row_limit_of_this_cpu(monkeypatch, kernel_calls) -> None:
+    """Without AVX-512, oneDNN's packed fp32 linears lose to MKL's GEMM beyond ~64 rows, so the fused linear takes
+    the packed kernel only up to ``packed_linear_max_rows()`` rows (None: always); the result is the same."""
+    from torch import nn
+
+    linear = FusedLinear(nn.Linear(8, 5), act="gelu")
+    policy = fused_mod.packed_linear_max_rows
+    monkeypatch.setattr(fused_mod, "packed_linear_max_rows", lambda: 64)
+    with torch.no_grad():
+        for rows, packed in ((64, 1), (65, 0), (3, 1)):
+            kernel_calls["FusedLinear"] = 0
+            x = torch.randn(rows, 8)
+            expected = nn.functional.gelu(nn.functional.linear(x, linear.weight, linear.bias))
+            assert rel_err(linear(x), expected) < 1e-5
+            assert kernel_calls["FusedLinear"] == packed, rows
+        monkeypatch.setattr(fused_mod, "packed_linear_max_rows", lambda: None)
+        kernel_calls["FusedLinear"] = 0
+        linear(torch.randn(4096, 8))
+        assert kernel_calls["FusedLinear"] == 1
+    capability = torch.backends.cpu.get_cpu_capability()
+    expected_limit = None if capability.startswith(("AVX512", "AMX")) else fused_mod.AVX2_PACKED_LINEAR_MAX_ROWS
+    assert policy.__wrapped__() == expected_limit

@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FusedConv2d", "FusedLinear", "FusedMlp", "freeze", "kernel_dtype", "onednn_available", "onednn_bf16"]
+__all__ = [
+    "FusedConv2d", "FusedLinear", "FusedMlp", "freeze", "kernel_dtype", "onednn_available", "onednn_bf16",
+    "packed_linear_max_rows",
+]
 
 _ACTS = ("none", "gelu", "relu")
 
@@ -120,6 +123,20 @@ def kernel_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     return dtype if dtype == torch.float32 else None
 
 
+#: Largest number of rows (tokens in the call) for which a packed fp32 linear runs on CPUs without AVX-512. There,
+#: oneDNN's packed fp32 kernels with fused GELU / add lose to MKL's GEMM plus a separate op from about 64 rows on
+#: (AMD EPYC Zen 3, FasterViT's shapes: 0.69-0.98x at 212-3392 rows, 1.0-1.67x at 16 rows), while on AVX-512 CPUs
+#: they win at every size. None: no limit.
+AVX2_PACKED_LINEAR_MAX_ROWS = 64
+
+
+@functools.cache
+def packed_linear_max_rows() -> int | None:
+    """Rows up to which fp32 linears take the packed kernels on this CPU (None: all), from its vector ISA."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return None if capability.startswith(("AVX512", "AMX")) else AVX2_PACKED_LINEAR_MAX_ROWS
+
+
 def _activate(y: Tensor, act: str) -> Tensor:
     if act == "gelu":
         return F.gelu(y)
@@ -202,6 +219,10 @@ class FusedLinear(_Packed):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         dtype = kernel_dtype(x, self.weight) if self.use_packed else None
+        if dtype == torch.float32:
+            limit = packed_linear_max_rows()
+            if limit is not None and x.numel() // self.in_features > limit:
+                dtype = None  # MKL's GEMM is faster here
         if dtype is None or (residual is not None and self.act != "none"):
             y = _activate(F.linear(x, self.weight, self.bias), self.act)
             return y if residual is None else residual + y
