@@ -125,3 +125,13 @@ def test_training_step_of_a_model_equals_the_mask_multiply_form(
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-7)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_branch_of_another_dtype_promotes_like_an_add() -> None:
+    """An fp32 residual stream with a bf16 branch (autocast) gives what ``x + branch`` gives: fp32."""
+    x = torch.randn(4, 6)
+    mask = torch.tensor([1.0, 0, 1, 0])
+    y = residual_drop_path(x, lambda v: (2 * v).bfloat16(), 0.5, True, mask=mask)
+    assert y.dtype == torch.float32
+    expected = x + (2 * x).bfloat16() * (mask / 0.5)[:, None]
+    torch.testing.assert_close(y, expected)

@@ -75,4 +75,6 @@ def residual_drop_path(
     if kept.numel() == 0:
         return x + branch(x) * 0.0
     kept = kept.to(x.device, non_blocking=True)
-    return x.index_add(0, kept, branch(x.index_select(0, kept)), alpha=1.0 / keep_prob)
+    y = branch(x.index_select(0, kept))
+    dtype = torch.result_type(x, y)  # as ``x + y`` would promote (an fp32 stream with a bf16 autocast branch)
+    return x.to(dtype).index_add(0, kept, y.to(dtype), alpha=1.0 / keep_prob)
