@@ -191,13 +191,13 @@ def _candidate_notes(result: dict[str, Any]) -> list[str]:
         if "same_weights_as" in info:
             diffs = ", ".join(f"{s} px {d:.2e}" for s, d in info["max_abs_diff_vs_official"].items())
             lines.append(f"- {name} carries the weights of {info['same_weights_as']} "
-                         f"(largest output difference: {diffs})")
+                         f"(largest absolute output difference: {diffs})")
         form = info.get("inference_form_max_abs_diff")
         if form:
             worst = max(form.values())
             verdict = "same function" if worst <= FORM_TOLERANCE else "NOT the same function: its timings do not count"
             diffs = ", ".join(f"{s} px {d:.2e}" for s, d in form.items())
-            lines.append(f"- {name}: inference form vs the model as built, largest output difference {diffs} "
+            lines.append(f"- {name}: inference form vs the model as built, largest absolute output difference {diffs} "
                          f"({verdict})")
     published = [(n, i) for n, i in result["candidates"].items()
                  if "published_top1" in i or "published_a100_img_s" in i]

@@ -157,6 +157,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
     Raises:
         CheckpointError: the weights cannot be had, read safely, or do not fit (message names file and keys).
     """
+    img_size = _img_size(kwargs.pop("img_size", None))
     if pretrained:
         kwargs["pretrained_cfg_overlay"] = _weights_overlay(variant, kwargs)
     args = {**_BASE, **MODEL_ARGS[variant], **kwargs}
@@ -173,7 +174,24 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
         where = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
         raise CheckpointError(f"{where}: {e}" if where and where not in str(e) else str(e)) from None
     model.pretrained_cfg.pop("state_dict", None)  # the weights are in the model; the cfg keeps where they came from
+    if img_size is not None:  # the model runs at any size: img_size only sets the size its data config asks for
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (model.in_chans, *img_size)}
+        model.default_cfg = model.pretrained_cfg
     return model
+
+
+def _img_size(value: Any) -> tuple[int, int] | None:
+    """timm's ``img_size`` (an int or ``(H, W)``) as ``(H, W)``; None when not given.
+
+    Raises:
+        ValueError: not one or two integers >= 32 (FasterViT's smallest input).
+    """
+    if value is None:
+        return None
+    size = (value, value) if isinstance(value, int) else tuple(value)
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size):
+        raise ValueError(f"img_size must be an integer >= 32 or (height, width) of such integers, got {value!r}")
+    return size  # type: ignore[return-value]
 
 
 def _register(name: str) -> None:

@@ -311,12 +311,12 @@ def test_an_inference_form_that_computes_another_function_is_flagged(tmp_path: P
     argv = ["--models", "fastervit_0,test_convnext", "--model-kwargs", f"fastervit_0={json.dumps(TINY)}",
             "--num-classes", "10", "--batch-sizes", "1", "--img-sizes", "64", "--train-batch", "0",
             "--scaling-sizes", "", "--warmup", "0", "--rounds", "1", "--iters", "1", "--no-macs", "--no-memory",
-            "--threads", "1", "--gemm-size", "64", "--fuse", "--out", str(out), "--no-progress"]
+            "--threads", "1", "--gemm-size", "64", "--fuse", "--output", str(out), "--no-progress"]
     assert bench_cli.main(argv) == 0
     result = json.loads((out / "bench.json").read_text())
     forms = {n: i["inference_form_max_abs_diff"]["64"] for n, i in result["candidates"].items()}
     assert forms["fastervit_0"] < 1e-5
     assert forms["test_convnext"] == pytest.approx(0.5, abs=1e-5)
     markdown = (out / "bench.md").read_text()
-    assert "test_convnext: inference form vs the model as built" in markdown
+    assert "test_convnext: inference form vs the model as built, largest absolute output difference" in markdown
     assert markdown.count("NOT the same function") == 1

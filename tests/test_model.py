@@ -307,3 +307,18 @@ def test_bad_input_errors(x: torch.Tensor, error: type, match: str) -> None:
         model(x)
     with pytest.raises(error, match=match):
         model.forward_intermediates(x)
+
+
+def test_img_size_sets_the_data_config_size_only() -> None:
+    """timm users pass ``img_size`` to ``create_model``; FasterViT runs at any size, so it only sets the input size
+    the model's data config asks for (``resolve_data_config``), and a bad value is a clear error."""
+    from timm.data import resolve_data_config
+
+    model = tiny(img_size=384)
+    assert resolve_data_config({}, model=model)["input_size"] == (3, 384, 384)
+    assert model(torch.randn(1, 3, 96, 64)).shape == (1, 10)  # still any size
+    assert tiny(img_size=(256, 320)).default_cfg["input_size"] == (3, 256, 320)
+    assert tiny().pretrained_cfg["input_size"] == (3, 224, 224)
+    for bad in (16, (224,), "224", (224.0, 224)):
+        with pytest.raises(ValueError, match="img_size must be an integer >= 32"):
+            tiny(img_size=bad)

@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-size", type=int, default=None,
                    help="side of the GEMM giving the peak rate (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"),
-                   help="output folder (default: %(default)s)")
+    p.add_argument("--out", "--output", "-o", dest="out", type=Path, default=Path("runs/bench"),
+                   help="output folder (default: %(default)s; --dense: runs/bench_dense)")
     p.add_argument("--quick", action="store_true",
                    help="about a minute on 2 CPU cores: batch 1,8, train batch 4, 1 warm-up, 3 rounds, "
                         "sizes 224,448, --fuse --channels-last (explicit options still win)")
@@ -243,7 +243,8 @@ def dense_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``fastervit bench --dense`` / ``--profile``: run, write the reports, print the Markdown table."""
     from open_fastervit.bench_dense import dense_markdown, profile_forward, run_dense, write_dense_reports
 
-    out = args.out if "--out" in _given_options(argv) else Path("runs/bench_dense")
+    given = _given_options(argv) | {a for a in argv if a == "-o" or a.startswith("-o=")}
+    out = args.out if given & {"--out", "--output", "-o", "-o="} else Path("runs/bench_dense")
     try:
         config = dense_config_from_args(args, argv)
         if args.profile is not None:
