@@ -21,7 +21,8 @@ import torch
 
 from .serialization import CheckpointError, atomic_write, load_checkpoint_file
 
-__all__ = ["CHECKPOINT_VERSION", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "capture_rng", "load_checkpoint", "read_progress", "read_training_state",
+           "restore_rng", "save_checkpoint"]
 
 CHECKPOINT_VERSION = 1
 FORMAT = "open_fastervit.train"
@@ -69,3 +70,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
     return state
+
+
+def read_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A training checkpoint's top-level dict with its tensors memory-mapped, not read (cheap for large files):
+    for its ``progress`` or ``config``. None when the file is not a readable training checkpoint."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any unreadable file: the caller says so
+        return None
+    return state if isinstance(state, dict) and state.get("format") == FORMAT else None
+
+
+def read_progress(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``progress`` entry (epoch, step_in_epoch, global_step, ...) of a training checkpoint (see
+    ``read_training_state``); None when unreadable."""
+    progress = (read_training_state(path) or {}).get("progress")
+    return dict(progress) if isinstance(progress, dict) else None

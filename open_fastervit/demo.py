@@ -167,6 +167,7 @@ def train_model(cfg: DemoConfig, data: Path, out: Path) -> dict[str, Any]:
         mixup=0.0, cutmix=0.0, aa=None, reprob=0.0, scale=[0.35, 1.0], color_jitter=0.2, smoothing=0.1,
         model_ema=False, output=str(out / "train"), workers=cfg.workers, seed=cfg.seed,
         progress=cfg.progress, tensorboard=False,
+        overwrite=True,  # the demo owns OUTPUT/train: running the demo again trains afresh there
     )
     return train(train_cfg)
 

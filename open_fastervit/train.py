@@ -8,7 +8,8 @@ the per-iteration cosine schedule, ``ModelEmaV3`` and BatchNorm averaging; torch
 (MESA self-distillation in ``mesa.py``) or in ``data.py`` / ``checkpoint.py`` (exact resume).
 
 A run writes into ``output``: ``last.pt`` (resumable state, every epoch and every
-``checkpoint_steps`` optimizer steps), ``last.safetensors`` / ``last_ema.safetensors`` (weights),
+``checkpoint_steps`` optimizer steps; a folder already holding one is refused unless ``resume`` continues it or
+``overwrite`` is set), ``last.safetensors`` / ``last_ema.safetensors`` (weights),
 ``best.safetensors`` (the best top-1 over epochs of the raw and the EMA weights, whichever scored higher;
 ``results.json`` says which as ``best_weights``), ``summary.csv``, ``curves.png``, ``tb/`` (TensorBoard),
 ``config.json`` (the settings used, auto ones resolved) and ``results.json``.
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import capture_rng, load_checkpoint, read_progress, restore_rng, save_checkpoint
 from .data import (
     DatasetError,
     LoaderOptions,
@@ -54,7 +55,8 @@ from .data import (
 from .distributed import DistInfo, average_bn_stats, cleanup, init_distributed, rank_divergence, reduce_sums
 from .mesa import MesaLoss
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "run_training", "train"]
+__all__ = ["RunExistsError", "TrainConfig", "Trainer", "TrainingDiverged", "TrainingInterrupted", "run_training",
+           "train"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -148,7 +150,9 @@ class RunConfig:
                            "OMP_NUM_THREADS wins)")
     # run
     output: str = _opt("runs/train", "output folder")
-    resume: str | None = _opt(None, "resume from a training checkpoint (file or run folder)")
+    resume: str | None = _opt(None, "resume from a training checkpoint (file or run folder); on the command line "
+                                    "the run's saved settings become the defaults and its folder the output")
+    overwrite: bool = _opt(False, "train into an output folder that already holds a run (its last.pt), replacing it")
     checkpoint_steps: int = _opt(0, "also write last.pt every N optimizer steps (0: per epoch only)")
     eval_every: int = _opt(1, "evaluate every N epochs (and after the last)")
     log_interval: int = _opt(20, "optimizer steps between progress/TensorBoard updates and NaN checks")
@@ -204,6 +208,46 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
+class RunExistsError(ValueError):
+    """The output folder already holds a training run (``last.pt``) and neither ``resume`` nor ``overwrite`` is set."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C / SIGINT (a ``KeyboardInterrupt``, so ``except KeyboardInterrupt`` still catches it),
+    with where it stopped and the checkpoint to continue from.
+
+    Attributes:
+        output: the run folder (what ``--resume`` takes).
+        epoch: 1-based epoch in progress; ``None`` when interrupted before training started.
+        step: optimizer steps done in that epoch.
+        steps_per_epoch: optimizer steps per epoch (``None`` when unknown).
+        checkpoint: the last resumable checkpoint written (or resumed from), ``None`` when there is none.
+    """
+
+    def __init__(self, output: str, epoch: int | None, step: int, steps_per_epoch: int | None,
+                 checkpoint: str | None) -> None:
+        self.output, self.epoch, self.step = output, epoch, step
+        self.steps_per_epoch, self.checkpoint = steps_per_epoch, checkpoint
+        super().__init__(self.hint())
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:  # picklable despite the extra constructor arguments
+        return type(self), (self.output, self.epoch, self.step, self.steps_per_epoch, self.checkpoint)
+
+    def hint(self, command: str = "fastervit train") -> str:
+        """One line: where training stopped, the last checkpoint and the command that continues the run."""
+        if self.epoch is None:
+            where = "interrupted before training started"
+        else:
+            of = f"/{self.steps_per_epoch}" if self.steps_per_epoch else ""
+            where = f"interrupted at epoch {self.epoch}, step {self.step}{of}"
+        if self.checkpoint is None:
+            return f"{where}; no checkpoint written yet (nothing to resume): start the run again"
+        in_output = Path(self.checkpoint) in (Path(self.output), Path(self.output) / "last.pt")
+        # resumed from elsewhere and interrupted before the first checkpoint here: continue from that one
+        target = self.output if in_output else f"{self.checkpoint} --output {self.output}"
+        return f"{where}; last checkpoint: {self.checkpoint}; continue with: {command} --resume {target}"
+
+
 # ---- set-up ---------------------------------------------------------------------------------------------------
 
 
@@ -234,6 +278,33 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
     if cfg.pretrained and cfg.official_checkpoint:
         raise ValueError("give either pretrained (own weights) or official_checkpoint, not both")
+
+
+def check_output(cfg: RunConfig) -> None:
+    """Refuse to start a new run in a folder that holds another run's ``last.pt`` (it would be overwritten at the
+    first checkpoint): allowed with ``resume`` continuing that very file or with ``overwrite``.
+
+    Raises:
+        RunExistsError: one line naming the run, the epoch its ``last.pt`` reached, ``--resume`` and ``--output``.
+    """
+    last = Path(cfg.output).expanduser() / "last.pt"
+    if getattr(cfg, "overwrite", False) or not last.is_file():
+        return
+    if cfg.resume:
+        source = Path(cfg.resume).expanduser()
+        source = source / "last.pt" if source.is_dir() else source
+        if source.exists() and source.resolve() == last.resolve():
+            return
+    progress = read_progress(last)
+    if progress is None:
+        reached = "unreadable"
+    elif progress.get("step_in_epoch"):
+        reached = f"from epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']}"
+    else:
+        reached = f"from epoch {progress.get('epoch', 0)}"
+    run = cfg.output
+    raise RunExistsError(f"{run} already holds a training run (last.pt {reached}): pass --resume {run} to continue "
+                         "it, or choose another --output (--overwrite replaces it)")
 
 
 def global_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -631,6 +702,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
         self.cfg, self.info, self.device = cfg, info, info.device
         self.out = Path(cfg.output)
+        check_output(cfg)
         self.started = time.perf_counter()
         self.auto_reasons: dict[str, str] = {}  # {field: why} for the settings chosen at start
         self.progress = _Progress()
@@ -640,6 +712,7 @@ class Trainer:
         self._setup_data_and_model()
         self._setup_optimization()
         self.resumed_from: str | None = None
+        self.last_checkpoint: str | None = None  # the newest resumable state: written here, or resumed from
         if cfg.resume:
             self._resume(cfg.resume)
         if info.is_primary:
@@ -837,6 +910,7 @@ class Trainer:
         rng = self._gather_rng()
         if self.info.is_primary:
             save_checkpoint(self.out / "last.pt", {**self._state(), "rng": rng})
+        self.last_checkpoint = str(self.out / "last.pt")
 
     def _save_weights(self, name: str, model: nn.Module, weights: str | None = None) -> str:
         from .weights import save_weights
@@ -883,6 +957,7 @@ class Trainer:
             _log(self.info, f"note: checkpoint from {len(rng)} process(es); RNG re-seeded for {self.info.world_size}")
             _seed_everything(self.cfg.seed + self.info.rank + self.progress.global_step)
         self.resumed_from = str(source)
+        self.last_checkpoint = str(Path(source) / "last.pt" if Path(source).is_dir() else source)
         _log(self.info, f"resumed from {source}: epoch {self.progress.epoch + 1}, step {self.progress.step_in_epoch}"
                         f"/{self.steps_per_epoch}, global step {self.progress.global_step}")
 
@@ -957,6 +1032,14 @@ class Trainer:
         self._start_epoch(epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
                    unit="step", disable=not (cfg.progress and self.info.is_primary), dynamic_ncols=True, leave=True)
+        try:
+            self._train_steps(epoch, bar)
+        finally:  # also on Ctrl-C: the bar ends its line before any message
+            bar.close()
+
+    def _train_steps(self, epoch: int, bar: Any) -> None:
+        """The optimizer steps of ``epoch`` from the resume position (``train_epoch``'s loop)."""
+        cfg, p = self.cfg, self.progress
         running = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count since last log
         tick, tick_step = time.perf_counter(), p.global_step
         for micro, (images, targets) in enumerate(self._batches(epoch)):
@@ -982,7 +1065,6 @@ class Trainer:
             if cfg.checkpoint_steps and p.global_step % cfg.checkpoint_steps == 0 and \
                     p.step_in_epoch < self.steps_per_epoch:
                 self.save()
-        bar.close()
 
     def _log_step(self, bar: Any, running: torch.Tensor, tick: float, tick_step: int) -> tuple[float, int]:
         """Progress bar, TensorBoard and the NaN check, every ``log_interval`` optimizer steps."""
@@ -1102,10 +1184,20 @@ class Trainer:
                 self._raise_if_diverged()
                 images = (self.steps_per_epoch - start_step) * self.global_batch
                 self.end_epoch(epoch, time.perf_counter() - started, images)
+        except BaseException:  # Ctrl-C included: TensorBoard gets what was logged
+            if self.writer is not None:
+                self.writer.close()
+            raise
         finally:  # loader workers stop now, not at some later garbage collection
             shutdown_workers(self.train_loader)
             shutdown_workers(self.val_loader)
         return self._finish()
+
+    def interrupted(self) -> TrainingInterrupted:
+        """What a Ctrl-C now means: the position reached and the checkpoint to resume from."""
+        p = self.progress
+        return TrainingInterrupted(str(self.out), min(p.epoch + 1, self.num_epochs), p.step_in_epoch,
+                                   self.steps_per_epoch, self.last_checkpoint)
 
     def _finish(self) -> dict[str, Any]:
         p = self.progress
@@ -1156,7 +1248,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or fine-tune / resume) as configured; returns the result summary (also in results.json).
 
     Runs under ``torchrun`` as one DDP rank per process. Raises ``DatasetError`` / ``ValueError`` /
-    ``CheckpointError`` before training for bad data or arguments, ``TrainingDiverged`` on a NaN loss.
+    ``CheckpointError`` before training for bad data or arguments (``RunExistsError`` for an output folder holding
+    another run's ``last.pt`` without ``resume`` / ``overwrite``), ``TrainingDiverged`` on a NaN loss and
+    ``TrainingInterrupted`` (a ``KeyboardInterrupt``) on Ctrl-C.
     """
     check_config(cfg)
     return run_training(Trainer, cfg)
@@ -1164,16 +1258,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def run_training(trainer: type[Trainer], cfg: Any) -> dict[str, Any]:
     """Run ``trainer(cfg, info).fit()`` in this process (one DDP rank under ``torchrun``): process group, CPU threads
-    and determinism set up and restored afterwards whatever happens."""
+    and determinism set up and restored afterwards whatever happens.
+
+    Raises:
+        TrainingInterrupted: on Ctrl-C / SIGINT (a ``KeyboardInterrupt``), naming the epoch and step reached, the
+            last checkpoint and the ``--resume`` that continues the run.
+        RunExistsError: ``output`` holds another run's ``last.pt`` (see ``check_output``).
+    """
+    check_output(cfg)  # before the process group: a clear error, not a hang of the other ranks
     info = init_distributed(cfg.device)
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if info.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg))
-    ok = False
+    ok, run = False, None
     try:
-        result = trainer(cfg, info).fit()
+        run = trainer(cfg, info)
+        result = run.fit()
         ok = True
         return result
+    except KeyboardInterrupt as err:
+        if isinstance(err, TrainingInterrupted):
+            raise
+        if run is not None:
+            raise run.interrupted() from None
+        resumable = str(cfg.resume) if cfg.resume else None
+        raise TrainingInterrupted(str(cfg.output), None, 0, None, resumable) from None
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)

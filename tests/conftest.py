@@ -57,3 +57,19 @@ def randomise(model: torch.nn.Module, spread: float = 0.1) -> torch.nn.Module:
             if name.rsplit(".", 1)[-1].startswith("gamma"):
                 p.normal_(0, 3 * spread)
     return model
+
+
+def settings_argv(settings: dict) -> list[str]:
+    """Command-line flags for a dict of config settings (``--flag value``, ``--flag`` / ``--no-flag``, JSON dicts)."""
+    import json
+
+    argv: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

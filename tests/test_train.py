@@ -8,12 +8,12 @@ import warnings
 import pytest
 import timm
 import torch
-from conftest import TINY
+from conftest import TINY, settings_argv
 from safetensors.torch import load_file
 
 import open_fastervit
 from open_fastervit.checkpoint import load_checkpoint
-from open_fastervit.cli.train import config_from_args, main
+from open_fastervit.cli.train import build_parser, config_from_args, main
 from open_fastervit.data import DatasetError
 from open_fastervit.paths import data_path
 from open_fastervit.recipes import list_recipes, load_recipe
@@ -279,3 +279,91 @@ def test_adam_optimizers_use_torch_fused_kernel():
     assert not lamb.defaults.get("fused")
     assert fused_optimizer_kwargs(model.to(torch.float64), "adamw") == {"fused": True}
     assert fused_optimizer_kwargs(torch.nn.Linear(2, 2).to("meta"), "adamw") == {}
+
+
+# ---- --resume RUN alone, Ctrl-C, existing run folders ----------------------------------------------------------
+
+
+def test_resume_alone_takes_the_saved_settings_and_flags_override_them(tmp_path, capsys):
+    """Before: `fastervit train --resume RUN` failed with "no dataset given". Expected: the run's config.json gives
+    the defaults (data, model, lr ...), the output is the run folder, flags given win and are named in one line."""
+    import dataclasses
+    import json
+
+    from open_fastervit.checkpoint import save_checkpoint
+    from open_fastervit.detection.train import DetectionConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = dataclasses.asdict(TrainConfig(**{**QUICK, "output": "somewhere/else", "lr": 3e-4, "epochs": 2}))
+    (run / "config.json").write_text(json.dumps(saved))
+    save_checkpoint(run / "last.pt", {"config": {**saved, "batch_size": 4}, "progress": {"epoch": 1}})
+    cfg = config_from_args(["--resume", str(run)])
+    assert cfg.data == DATA and cfg.model_kwargs == json.loads(json.dumps(ARCH)) and cfg.lr == 3e-4 and cfg.epochs == 2
+    assert cfg.output == str(run) and cfg.resume == str(run) and cfg.overwrite is False and cfg.batch_size == 8
+    assert capsys.readouterr().err.strip() == (f"resuming {run} with its saved settings ({run / 'config.json'}); "
+                                               "nothing overridden")
+
+    cfg = config_from_args(["--resume", str(run / "last.pt"), "--epochs", "4", "--lr", "3e-4"])
+    assert cfg.epochs == 4 and cfg.lr == 3e-4 and cfg.output == str(run) and cfg.img_size == 32
+    assert capsys.readouterr().err.strip().endswith("; overridden: epochs 2 -> 4")  # lr equals the saved value
+
+    (run / "config.json").unlink()  # a run folder without config.json: the settings stored in last.pt
+    assert config_from_args(["--resume", str(run)]).batch_size == 4
+
+    with pytest.raises(ValueError, match="another task"):  # a classification run given to `fastervit detect train`
+        config_from_args(["--resume", str(run)], DetectionConfig, build_parser(DetectionConfig))
+    assert main(["--resume", str(tmp_path / "missing")]) == 1
+    assert "no such run folder or checkpoint" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path, capsys, monkeypatch):
+    """Before: Ctrl-C printed an 85-line traceback. Expected: exit status 130 and one line naming the epoch and step
+    reached, the last checkpoint and `fastervit train --resume RUN`; no traceback."""
+    from open_fastervit.train import Trainer, TrainingInterrupted
+
+    step = Trainer._optimizer_step
+
+    def step_then_ctrl_c(self):
+        step(self)
+        if self.progress.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_ctrl_c)
+    argv = settings_argv({**QUICK, "checkpoint_steps": 2, "output": str(tmp_path)})
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("interrupted") == 1
+    assert err.strip().splitlines()[-1] == (f"fastervit train: interrupted at epoch 1, step 3/8; last checkpoint: "
+                                            f"{tmp_path / 'last.pt'}; continue with: fastervit train --resume "
+                                            f"{tmp_path}")
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 2
+
+    with pytest.raises(KeyboardInterrupt) as caught:  # the API raises it, still a KeyboardInterrupt
+        train(TrainConfig(**{**QUICK, "output": str(tmp_path / "api")}))
+    assert isinstance(caught.value, TrainingInterrupted) and caught.value.checkpoint is None
+    assert caught.value.hint() == ("interrupted at epoch 1, step 3/8; no checkpoint written yet (nothing to resume): "
+                                   "start the run again")
+
+
+def test_existing_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    """Before: training into a folder holding an interrupted run silently overwrote its last.pt. Expected: a one-line
+    error naming the epoch of its last.pt, --resume and --output, last.pt untouched; --overwrite trains afresh."""
+    from open_fastervit.checkpoint import save_checkpoint
+    from open_fastervit.train import RunExistsError
+
+    save_checkpoint(tmp_path / "last.pt", {"progress": {"epoch": 1, "step_in_epoch": 3, "global_step": 11}})
+    before = (tmp_path / "last.pt").read_bytes()
+    argv = settings_argv({**QUICK, "train_images": 16, "val_images": 8, "output": str(tmp_path)})
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fastervit train: error: {tmp_path} already holds a training run (last.pt from epoch 2, step 3): "
+                   f"pass --resume {tmp_path} to continue it, or choose another --output (--overwrite replaces it)")
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+    save_checkpoint(tmp_path / "last.pt", {"progress": {"epoch": 2, "step_in_epoch": 0}})
+    with pytest.raises(RunExistsError, match=r"\(last.pt from epoch 2\)"):  # the API refuses as well
+        train(TrainConfig(**{**QUICK, "output": str(tmp_path)}))
+
+    assert main([*argv, "--overwrite"]) == 0
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 2
