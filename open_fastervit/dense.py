@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,28 @@ from torch import nn
 
 from .backbone import FasterViTBackbone
 from .serialization import CheckpointError, read_weights
-from .train import RunConfig, Trainer, _log, _opt, _seed_everything, _subset, json_safe
+from .train import (
+    MAX_AUTO_WARMUP_EPOCHS,
+    WARMUP_EPOCHS_DIVISOR,
+    RunConfig,
+    Trainer,
+    _log,
+    _opt,
+    _seed_everything,
+    _subset,
+    json_safe,
+)
 
-__all__ = ["DenseConfig", "DenseTrainer", "find_backbone", "inference_copy", "load_dense_model"]
+__all__ = ["DenseConfig", "DenseTrainer", "find_backbone", "inference_copy", "load_dense_model", "write_json"]
+
+
+def write_json(path: str | Path, value: Any, indent: int | None = 2) -> Path:
+    """Write ``value`` to ``path`` as strict JSON (NaN and infinities as null, ``json_safe``), creating the folder;
+    every JSON file of the dense tasks goes through here. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(value), indent=indent, allow_nan=False))
+    return path
 
 
 @dataclass
@@ -33,18 +52,22 @@ class DenseConfig(RunConfig):
 
     # model
     model: str = _opt("fastervit_0", "backbone architecture (FasterViT)")
-    num_classes: int | None = _opt(None, "number of classes; default: from the train split")
+    num_classes: int | None = _opt(None, "number of classes; default: inferred from the train split (a recipe never "
+                                         "sets it)")
     pretrained: str | None = _opt(None, "fine-tune a whole model of this task: its .safetensors or a run's last.pt")
     backbone_checkpoint: str | None = _opt(None, "backbone weights: our classification .safetensors/.pt, a model "
                                                  "folder, or an official .pth.tar (the classifier is ignored)")
     frozen_stages: int = _opt(-1, "freeze the stem (0) and stages 0..k-1 (k > 0) of the backbone; -1: none")
     norm_eval: bool = _opt(False, "keep the backbone's BatchNorms in eval mode (fixed statistics)")
-    # schedule
-    epochs: int = _opt(36, "schedule length in epochs (the paper's 3x schedule: 36)")
+    # schedule (the tasks word the help of epochs, min_lr and decay_rate for their own recipes)
+    epochs: int = _opt(36, "schedule length in epochs")
+    cooldown_epochs: int = _opt(0, "extra epochs at min_lr after the schedule")
+    warmup_epochs: float | None = _opt(None, "linear warmup epochs (from warmup_lr); default: auto, epochs / "
+                                             f"{WARMUP_EPOCHS_DIVISOR}, at most {MAX_AUTO_WARMUP_EPOCHS:g}")
     batch_size: int = _opt(2, "images per process per micro-batch")
     lr_base: float = _opt(1e-4, "learning rate at global batch lr_base_size (linear scaling)")
     lr_base_size: int = _opt(16, "global batch of lr_base")
-    min_lr: float = _opt(1e-6, "final learning rate of the cosine")
+    min_lr: float = _opt(1e-6, "learning rate the schedule ends at")
     clip_grad: float | None = _opt(None, "gradient clipping value (None: off)")
     # EMA
     model_ema: bool = _opt(False, "keep an EMA of the weights (best.safetensors: the better of raw and EMA)")
@@ -104,9 +127,8 @@ class DenseTrainer(Trainer):
         cfg, info = self.cfg, self.info
         self.train_set, self.val_set = self._build_datasets()
         self.class_names = list(self.train_set.class_names)
-        self.num_classes = cfg.num_classes or len(self.class_names)
-        if self.num_classes < len(self.class_names):
-            raise ValueError(f"the train split has {len(self.class_names)} classes but num_classes={cfg.num_classes}")
+        cfg, inferred = self._resolve_num_classes(cfg)
+        self.cfg, self.num_classes = cfg, int(cfg.num_classes)
         _seed_everything(cfg.seed)  # same initial weights on every rank
         model = self._build_model()
         self.reinitialised = []
@@ -130,6 +152,7 @@ class DenseTrainer(Trainer):
                                                 world_size=info.world_size, rank=info.rank,
                                                 collate_fn=self._collate())
         cfg, reasons = resolve_schedule_settings(cfg, self.steps_per_epoch)
+        reasons = {**inferred, **reasons}
         self.cfg, self.auto_reasons = cfg, reasons
         if reasons:
             _log(info, describe_auto_settings(cfg, reasons))
@@ -141,6 +164,24 @@ class DenseTrainer(Trainer):
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
         self.train_model = self._wrap_model(self.model)
         _seed_everything(cfg.seed + info.rank)  # per-rank augmentation / drop-path randomness
+
+    def _resolve_num_classes(self, cfg: Any) -> tuple[Any, dict[str, str]]:
+        """``cfg`` with ``num_classes`` set: the train split's class count when unset (recorded in config.json and
+        the auto settings), else the given one checked against it: fewer is an error, more a warning (outputs that
+        never see a label). Returns the config and ``{"num_classes": why}`` when inferred."""
+        found = len(self.class_names)
+        if cfg.num_classes is None:
+            return replace(cfg, num_classes=found), {"num_classes": f"the classes of the "
+                                                                                f"{cfg.train_split!r} split"}
+        if cfg.num_classes < found:
+            raise ValueError(f"num_classes={cfg.num_classes} but the {cfg.train_split!r} split has {found} classes "
+                             f"({', '.join(self.class_names[:10])}{', ...' if found > 10 else ''}); leave "
+                             "--num-classes out to use the data's count")
+        if cfg.num_classes > found:
+            _log(self.info, f"warning: num_classes={cfg.num_classes} but the {cfg.train_split!r} split has {found} "
+                            f"class(es): {cfg.num_classes - found} output(s) never see a label; leave --num-classes "
+                            "out to use the data's count")
+        return cfg, {}
 
     def _backbone_kwargs(self) -> dict[str, Any]:
         """Arguments of ``create_backbone`` from the settings (the checkpoint is loaded, not recorded)."""
@@ -214,7 +255,7 @@ class DenseTrainer(Trainer):
         result.pop("head_reinitialised", None)
         result["reinitialised"] = self.reinitialised
         if self.info.is_primary:
-            (self.out / "results.json").write_text(json.dumps(json_safe(result), indent=2))
+            write_json(self.out / "results.json", result)
         return result
 
     # -- task hooks

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .paths import data_path
+from .train import json_safe
 
 __all__ = ["DenseDemoConfig", "run_dense_demo"]
 
@@ -65,7 +66,7 @@ def _task_config(cfg: DenseDemoConfig, data: Path, out: Path, epochs: int) -> An
     common = dict(data=str(data), model="fastervit_0", model_kwargs=dict(cfg.model_kwargs), epochs=epochs,
                   output=str(out / "run"), workers=cfg.workers, seed=cfg.seed, progress=cfg.progress,
                   backbone_checkpoint=cfg.backbone_checkpoint, opt="adamw", clip_grad=1.0, hflip=0.5, vflip=0.5,
-                  eval_every=max(1, epochs // 4), tensorboard=True)
+                  eval_every=max(1, epochs // 4), tensorboard=True, overwrite=True)
     if cfg.task == "detection":
         from .detection.train import DetectionConfig
 
@@ -251,5 +252,5 @@ def run_dense_demo(cfg: DenseDemoConfig) -> dict[str, Any]:
     }
     facts["seconds"] = time.perf_counter() - started
     facts["report"] = str(_report(cfg, out, facts))
-    (out / "report.json").write_text(json.dumps(facts, indent=2, default=str))
+    (out / "report.json").write_text(json.dumps(json_safe(facts), indent=2, default=str, allow_nan=False))
     return facts

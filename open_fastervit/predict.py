@@ -25,6 +25,8 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
     "Prediction",
+    "describe_failure",
+    "expand_image_entries",
     "expand_images",
     "format_prediction",
     "load_image",
@@ -83,9 +85,10 @@ def expand_images(paths: Sequence[str | Path] | str | Path, *, recursive: bool =
 
     A file is taken as given (whatever its suffix: reading it tells whether it is an image). A folder is replaced by
     the files in it whose suffix is one of ``IMAGE_SUFFIXES`` (any case), sorted by their path relative to the
-    folder; with ``recursive`` its sub-folders are searched too. Hidden entries (names starting with ``.``, such as
-    macOS ``._x.jpg`` files) are skipped, and so are hidden sub-folders. The inputs keep their order; ``~`` is
-    expanded.
+    folder; its sub-folders are searched only with ``recursive`` (the commands' ``--recursive``), so a dataset root
+    given by mistake does not take its mask or label images for photos. Hidden entries (names starting with ``.``,
+    such as macOS ``._x.jpg`` files) are skipped, and so are hidden sub-folders. The inputs keep their order; ``~``
+    is expanded.
 
     Args:
         paths: image files and folders (a single path is accepted too).
@@ -100,23 +103,55 @@ def expand_images(paths: Sequence[str | Path] | str | Path, *, recursive: bool =
         ImageReadError: no path given, a path that does not exist (unless ``keep_missing``), or a folder holding no
             image file; the one-line message names the path.
     """
+    return [path for path, _ in expand_image_entries(paths, recursive=recursive, keep_missing=keep_missing)]
+
+
+def expand_image_entries(paths: Sequence[str | Path] | str | Path, *, recursive: bool = False,
+                         keep_missing: bool = False) -> list[tuple[Path, Path]]:
+    """``expand_images``, each file with where its outputs belong: its path relative to the folder it was found in
+    (``sub/x.jpg`` for ``FOLDER/sub/x.jpg``), or its bare name for a file given. Writers that mirror the input
+    tree (``detect predict`` / ``segment predict --recursive``) put a file's outputs in that relative folder.
+
+    Raises:
+        ImageReadError: as ``expand_images``.
+    """
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not items:
         raise ImageReadError("no image files or folders given")
-    out: list[Path] = []
+    out: list[tuple[Path, Path]] = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
             found = _images_in(path, recursive)
             if not found:
-                where = "this folder or its sub-folders" if recursive else "this folder (sub-folders not searched)"
+                where = "this folder or its sub-folders" if recursive else \
+                    "this folder (sub-folders not searched without --recursive)"
                 raise ImageReadError(f"{path}: no image files ({' '.join(IMAGE_SUFFIXES)}) in {where}")
-            out.extend(found)
+            out.extend((file, file.relative_to(path)) for file in found)
         elif path.exists() or keep_missing:
-            out.append(path)
+            out.append((path, Path(path.name)))
         else:
             raise ImageReadError(f"{path}: no such file or folder")
     return out
+
+
+def describe_failure(path: str | Path, error: BaseException) -> str:
+    """One line for an image that could not be used: the error's message, prefixed with the path unless the
+    message already names it (decoding errors do), so the path is never shown twice."""
+    message = str(error) or type(error).__name__
+    return message if str(path) in message else f"{path}: {message}"
+
+
+def report_skipped(path: str | Path, error: BaseException, skipped: list[str],
+                   on_error: Callable[[Path, str], None] | None, logger: logging.Logger = _logger) -> None:
+    """An image that could not be processed: its one-line description (:func:`describe_failure`) is appended to
+    ``skipped`` and passed to ``on_error(path, message)`` when given, else logged as a warning on ``logger``."""
+    message = describe_failure(path, error)
+    skipped.append(message)
+    if on_error is not None:
+        on_error(Path(path), message)
+    else:
+        logger.warning("skipped %s", message)
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
@@ -175,11 +210,12 @@ def predict(
     fuse: bool = True,
     pretrained: bool = True,
     on_error: str | Callable[[Path, ImageReadError], Any] = "raise",
+    recursive: bool = False,
 ) -> list[Prediction]:
     """Top-k classes of each image, preprocessed with the model's evaluation transform.
 
     ``images`` are files and folders, listed by :func:`expand_images` (a folder gives its image files, sorted; its
-    sub-folders are not searched). ``model`` is a timm name (None: the checkpoint's architecture) or a module. A
+    sub-folders only with ``recursive``). ``model`` is a timm name (None: the checkpoint's architecture) or a module. A
     model loaded here runs in its exact inference form (``fused.inference_form``) unless ``fuse=False``; a module
     passed in is used as it is. Without ``checkpoint`` a named model gets its published weights
     (``open_fastervit.load_model``); random weights only with ``pretrained=False``.
@@ -200,7 +236,7 @@ def predict(
     if not callable(on_error) and on_error not in ON_ERROR:
         raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
     paths, pictures = [], []
-    for path in expand_images(images, keep_missing=True):
+    for path in expand_images(images, recursive=recursive, keep_missing=True):
         try:
             pictures.append(load_image(path))
         except ImageReadError as e:

@@ -150,11 +150,22 @@ def result_history(out: Path) -> list[dict]:
                 for row in csv.DictReader(handle)]
 
 
-def test_mask_rcnn_on_boxes_only_data_is_a_clear_error(tmp_path):
+def test_mask_rcnn_on_boxes_only_data_is_a_clear_error(tmp_path, caplog, capsys):
+    """Reported: `fastervit detect train --data trees-neon` (default kind mask_rcnn) warned "716 annotation(s)
+    without a decodable segmentation given their box as mask" and then failed for lack of masks. Expected: the
+    error alone (exit 1, naming the boxes-only kinds), no box-as-mask warning before it."""
     cfg = DetectionConfig(kind="mask_rcnn", data=str(TREES), model_kwargs=ARCH, epochs=1, output=str(tmp_path),
                           **QUIET)
-    with pytest.raises(DatasetError, match="no segmentation masks"):
+    with caplog.at_level("WARNING"), pytest.raises(DatasetError, match="no segmentation masks"):
         train_detector(cfg)
+    assert not [r for r in caplog.records if "box as mask" in r.getMessage()]
+    caplog.clear()
+    assert cli_main(["detect", "train", "--data", str(TREES), "--epochs", "1", "--workers", "0", "--no-progress",
+                     "--no-tensorboard", "--output", str(tmp_path / "cli")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastervit detect train: error:") and "no segmentation masks" in err
+    assert "--kind faster_rcnn" in err and "box as mask" not in err
+    assert not [r for r in caplog.records if "box as mask" in r.getMessage()]
 
 
 def test_missing_annotations_and_wrong_task_files_are_clear_errors(tmp_path, detection_run):
@@ -179,8 +190,10 @@ def test_mask_rcnn_trains_on_instance_folders():
                               mask_head_channels=32, rois_per_image=64, epochs=1, batch_size=1, lr=1e-3, output=tmp,
                               **QUIET)
         result = train_detector(cfg)
+        boxes_only = evaluate_detector(tmp, TREES, "val")  # a mask model on boxes-only data: box AP, no error
     assert result["global_step"] == 3
     assert {"bbox_mAP", "segm_mAP", "segm_mAP50"} <= set(result["final"])
+    assert set(boxes_only) == {"bbox"}
 
 
 @pytest.fixture(scope="module")
@@ -348,10 +361,13 @@ def test_predict_writes_coco_category_ids_and_never_overwrites(tmp_path):
     Image.new("RGB", (20, 20)).save(inputs / "small.png")
     summary = predict_detector(tmp_path / "run", [inputs], tmp_path / "pred", score_threshold=0.0)
     assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == [
-        "small.png", "tile.png", "tile_2.png", "tile_3.png"]  # detection resizes small images itself
+        "small.png", "tile.png", "tile_2.png"]  # the folder's own images; detection resizes small ones itself
     results = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert results and {r["category_id"] for r in results} <= {3, 7}
-    assert {r["category_name"] for r in results} <= {"pine", "oak"} and summary["images"] == 4
+    assert {r["category_name"] for r in results} <= {"pine", "oak"} and summary["images"] == 3
+    deep = predict_detector(tmp_path / "run", [inputs], tmp_path / "deep", score_threshold=0.0, recursive=True)
+    written = sorted(p.relative_to(tmp_path / "deep").as_posix() for p in (tmp_path / "deep").rglob("*.png"))
+    assert written == ["small.png", "sub/tile.png", "tile.png", "tile_2.png"] and deep["images"] == 4
 
 
 def test_dense_recipes_load_into_their_configs_only():
@@ -366,6 +382,8 @@ def test_dense_recipes_load_into_their_configs_only():
     assert det.min_size[0] == 480 and det.min_size[-1] == 800 and det.decay_milestones == [27, 33]
     seg = config_from_args(["--recipe", "upernet_ade20k_160k"], SegmentationConfig, build_parser(SegmentationConfig))
     assert (seg.kind, seg.lr_base, seg.weight_decay, seg.crop_size, seg.sched) == ("upernet", 6e-5, 0.01, 512, "poly")
+    assert seg.decay_rate == 1.0  # timm's poly power: the paper's power 1 (timm's default 0.1 was used before)
+    assert (seg.num_classes, seg.reduce_zero_label, det.num_classes) == (None, False, None)  # the data's, not set
     with pytest.raises(ValueError, match="detection recipe"):
         config_from_args(["--recipe", "mask_rcnn_3x_coco"])
 
@@ -392,3 +410,221 @@ def test_upernet_recipe_sets_the_aux_head_and_a_run_trains_and_saves_it(tmp_path
     saved = load_file(str(Path(cfg.output) / "best.safetensors"))
     assert model.aux_head is not None and torch.equal(model.state_dict()["aux_head.0.weight"],
                                                       saved["aux_head.0.weight"])
+
+
+# ---- reported faults: recipes hold no dataset settings, predict exit codes and recursion, strict JSON ----------
+
+
+def _strict_json(text: str) -> object:
+    """``json.loads`` that refuses NaN / Infinity (what JavaScript's ``JSON.parse`` and strict parsers do)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def ade_recipe_on_nuclei(tmp_path_factory):
+    """The reported command, scaled down: `fastervit segment train --data nuclei-dsb2018 --recipe
+    upernet_ade20k_160k --epochs 1` (a tiny backbone, 64 px crops); its stdout, output folder and result."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("ade_recipe_on_nuclei")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli_main(["segment", "train", "--data", str(NUCLEI), "--recipe", "upernet_ade20k_160k", "--epochs", "1",
+                         "--crop-size", "64", "--model-kwargs", json.dumps(ARCH), "--decoder-channels", "32",
+                         "--workers", "0", "--threads", "2", "--no-progress", "--no-tensorboard", "--output", str(out)])
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def test_the_ade20k_recipe_on_nuclei_trains_the_datas_two_classes(ade_recipe_on_nuclei):
+    """Reported: the recipe set num_classes 150 and reduce_zero_label true, so the nuclei background was ignored
+    (mIoU 0.0000, pixel accuracy 0). Expected: the classes of the data, as without a recipe: 2 classes, labels
+    kept (reduce_zero_label false), both recorded in config.json; the model has 2 outputs; the background counts."""
+    out, _ = ade_recipe_on_nuclei
+    config = _strict_json((out / "config.json").read_text())
+    assert config["num_classes"] == 2 and config["reduce_zero_label"] is False
+    assert config["kind"] == "upernet" and config["sched"] == "poly" and config["decay_rate"] == 1.0  # the recipe's
+    result = _strict_json((out / "results.json").read_text())
+    assert result["build_config"]["num_classes"] == 2 and model_num_classes(str(out)) == 2
+    assert result["auto_settings"]["num_classes"]["value"] == 2
+    assert {"IoU_class_0", "IoU_class_1"} <= set(result["final"]) and result["final"]["pixel_accuracy"] > 0
+
+
+def test_dense_run_json_is_strict(ade_recipe_on_nuclei, tmp_path):
+    """Reported: the run's JSON summary held a bare NaN (best_ema_mIoU, a run without EMA). Expected: every JSON a
+    dense run writes or prints parses strictly, the missing EMA score as null."""
+    from open_fastervit.dense import write_json
+
+    out, stdout = ade_recipe_on_nuclei
+    printed = _strict_json(stdout)
+    assert printed["best_ema_mIoU"] is None and printed["best_raw_mIoU"] == printed["best_mIoU"]
+    assert _strict_json((out / "results.json").read_text())["best_ema_mIoU"] is None
+    target = tmp_path / "eval.json"
+    assert cli_main(["segment", "evaluate", str(out), "--data", str(NUCLEI), "--json", str(target)]) == 0
+    assert set(_strict_json(target.read_text())["per_class_iou"]) == {"class_0", "class_1"}
+    assert cli_main(["segment", "predict", str(out), str(NUCLEI / "val" / "images"), "-o", str(tmp_path / "p")]) == 0
+    assert len(_strict_json((tmp_path / "p" / "predictions.json").read_text())) == 1
+    written = write_json(tmp_path / "nan.json", {"mIoU": float("nan"), "per_class": [float("inf"), 0.5]})
+    assert _strict_json(written.read_text()) == {"mIoU": None, "per_class": [None, 0.5]}
+
+
+def test_no_recipe_sets_a_dataset_key(tmp_path, capsys):
+    """Recipes are optimisation schedules: no shipped recipe file (bases included) sets a dataset key (data,
+    splits, folders, annotation files, num_classes, reduce_zero_label, ignore_index...), and a recipe file that does
+    is refused, naming the option to pass instead."""
+    import yaml
+
+    from open_fastervit.recipes import DATASET_KEYS, RECIPE_DIR, load_recipe
+
+    assert {"data", "train_split", "val_split", "images", "masks", "train_ann", "val_ann", "num_classes",
+            "reduce_zero_label", "ignore_index"} <= set(DATASET_KEYS)
+    files = sorted(RECIPE_DIR.glob("*.yaml"))
+    assert len(files) >= 14
+    for path in files:
+        assert not set(yaml.safe_load(path.read_text())) & set(DATASET_KEYS), path.name
+    own = tmp_path / "my_ade.yaml"
+    own.write_text("task: segmentation\nbase: " + str(RECIPE_DIR / "upernet_ade20k_160k.yaml") +
+                   "\nnum_classes: 150\nreduce_zero_label: true\n")
+    with pytest.raises(ValueError, match=r"dataset keys \['num_classes', 'reduce_zero_label'\].*--num-classes"):
+        load_recipe(str(own))
+    assert cli_main(["segment", "train", "--recipe", str(own), "--data", str(NUCLEI), "--output",
+                     str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastervit segment train: error: recipe") and "--reduce-zero-label" in err
+
+
+def test_an_explicit_num_classes_is_checked_against_the_masks(tmp_path, capsys):
+    """--num-classes that disagrees with the labels: fewer classes than the masks hold is an error (all pairs
+    left out: the folder's error says why; some: the trainer's), more is a warning naming the unused classes."""
+    import numpy as np
+    from PIL import Image
+
+    base = dict(kind="fpn", model_kwargs=ARCH, crop_size=64, batch_size=2, epochs=1, lr=1e-3, **QUIET)
+    with pytest.raises(DatasetError, match=r"labels up to 1 \(2 classes\) but num_classes is 1"):
+        train_segmenter(SegmentationConfig(data=str(NUCLEI), num_classes=1, output=str(tmp_path / "one"), **base))
+    mixed = tmp_path / "mixed"
+    for folder in ("images", "masks"):
+        (mixed / "train" / folder).mkdir(parents=True)
+    for name, top in (("a", 1), ("b", 1), ("c", 2)):
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(mixed / "train" / "images" / f"{name}.png")
+        labels = np.zeros((40, 40), np.uint8)
+        labels[10:20, 10:20] = top
+        Image.fromarray(labels).save(mixed / "train" / "masks" / f"{name}.png")
+    with pytest.raises(ValueError, match=r"num_classes=2 but the 'train' masks hold labels up to 2 \(3 classes.*"
+                                         r"1 pair\(s\) would be left out; leave --num-classes out to infer 3"):
+        train_segmenter(SegmentationConfig(data=str(mixed), val_split="", num_classes=2,
+                                           output=str(tmp_path / "two"), **base))
+    capsys.readouterr()
+    result = train_segmenter(SegmentationConfig(data=str(NUCLEI), num_classes=3, output=str(tmp_path / "three"),
+                                                **base))
+    err = capsys.readouterr().err
+    assert "warning: num_classes=3 but the 'train' masks hold labels 0..1 only (2 classes" in err
+    assert "classes 2..2 never occur" in err and result["build_config"]["num_classes"] == 3
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["num_classes"] == 3
+
+
+def test_each_task_has_its_own_schedule_help():
+    """Reported: `segment train --help` described --epochs with detection's 3x schedule and --min-lr as "of the
+    cosine" though the ADE20K recipe uses poly. Expected: each task's own words."""
+    from open_fastervit.cli.train import build_parser
+
+    def option_help(config_cls: type, name: str) -> str:
+        parser = build_parser(config_cls)
+        action = next(a for a in parser._actions if f"--{name}" in a.option_strings)
+        return action.help
+
+    assert "ADE20K recipe: 127" in option_help(SegmentationConfig, "epochs")
+    assert "3x" not in option_help(SegmentationConfig, "epochs")
+    assert "poly" in option_help(SegmentationConfig, "min-lr") and "of the cosine" not in option_help(
+        SegmentationConfig, "min-lr")
+    assert "poly: the power" in option_help(SegmentationConfig, "decay-rate")
+    assert "the paper's 3x schedule: 36" in option_help(DetectionConfig, "epochs")
+    assert "multistep" in option_help(DetectionConfig, "min-lr")
+    for config_cls in (SegmentationConfig, DetectionConfig):
+        assert "20 of 300" not in option_help(config_cls, "warmup-epochs")  # classification's paper
+        assert "never" in option_help(config_cls, "num-classes")  # inferred, not from a recipe
+
+
+def test_dense_predict_exit_codes_and_one_line_per_skip(ade_recipe_on_nuclei, detection_run, tmp_path, capsys):
+    """Reported: `segment predict` / `detect predict` exited 0 with "0 image(s)" when every input was skipped, and
+    printed each skip twice with the path doubled. Expected: exit 1 when no image was processed, exit 0 with the
+    skipped count otherwise; each skip on one stderr line naming its path once."""
+    segment_run, _ = ade_recipe_on_nuclei
+    detect_run = detection_run[0].output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    (bad / "b.jpg").write_text("not a jpeg")
+    good = sorted((NUCLEI / "val" / "images").iterdir())[0]
+    for command, run in (("segment", segment_run), ("detect", detect_run)):
+        assert cli_main([command, "predict", str(run), str(bad), "-o", str(tmp_path / command / "none")]) == 1
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert lines[-1] == f"fastervit {command} predict: error: no image could be processed (2 skipped)"
+        skips = [line for line in lines if "skipped" in line and "error" not in line]
+        assert len(skips) == 2 and out == ""
+        for line, name in zip(skips, ("a.png", "b.jpg")):
+            assert line.startswith(f"fastervit {command} predict: skipped {bad / name}: ")
+            assert line.count(str(bad / name)) == 1
+        assert cli_main([command, "predict", str(run), str(bad), str(good), "-o", str(tmp_path / command / "some")]) \
+            == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("1 image(s)") and out.strip().endswith("; 2 image(s) skipped")
+        assert err.count("skipped") == 2
+
+
+def test_dense_predict_recursion_is_opt_in_and_mirrors_sub_folders(ade_recipe_on_nuclei, tmp_path, capsys):
+    """Reported: `segment predict RUN nuclei-dsb2018` recursed into the dataset and segmented its mask PNGs as
+    photos, writing flattened renamed outputs (..._2_mask.png). Expected: a folder's own images only (the dataset
+    root has none: exit 1 saying sub-folders need --recursive); with --recursive the outputs mirror the input's
+    sub-folders, names kept when they only collide across folders."""
+    run, _ = ade_recipe_on_nuclei
+    assert cli_main(["segment", "predict", str(run), str(NUCLEI), "-o", str(tmp_path / "root")]) == 1
+    err = capsys.readouterr().err
+    assert "no image files" in err and "without --recursive" in err and not (tmp_path / "root").exists()
+    photos = tmp_path / "photos"
+    image = sorted((NUCLEI / "val" / "images").iterdir())[0]
+    for rel in ("x.png", "a/x.png", "b/x.png"):
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (photos / rel).write_bytes(image.read_bytes())
+    assert cli_main(["segment", "predict", str(run), str(photos), "-o", str(tmp_path / "flat")]) == 0
+    flat = sorted(p.relative_to(tmp_path / "flat").as_posix() for p in (tmp_path / "flat").rglob("*.png"))
+    assert flat == ["x_mask.png", "x_overlay.png"]
+    assert cli_main(["segment", "predict", str(run), str(photos), "--recursive", "-o", str(tmp_path / "deep")]) == 0
+    deep = sorted(p.relative_to(tmp_path / "deep").as_posix() for p in (tmp_path / "deep").rglob("*.png"))
+    assert deep == ["a/x_mask.png", "a/x_overlay.png", "b/x_mask.png", "b/x_overlay.png", "x_mask.png",
+                    "x_overlay.png"]
+    records = json.loads((tmp_path / "deep" / "predictions.json").read_text())
+    assert [Path(r["mask"]).relative_to(tmp_path / "deep").as_posix() for r in records] == [
+        "a/x_mask.png", "b/x_mask.png", "x_mask.png"]  # sorted by path relative to the folder given
+
+
+@pytest.mark.parametrize("command, module, function", [
+    ("detect", "open_fastervit.detection.train", "train_detector"),
+    ("segment", "open_fastervit.segmentation.train", "train_segmenter"),
+])
+def test_ctrl_c_in_dense_training_prints_the_resume_line_and_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, command: str, module: str,
+    function: str,
+) -> None:
+    """Ctrl-C during `fastervit detect|segment train`: one line naming the checkpoint and the --resume command, exit
+    130, no traceback (the same handling as `fastervit train`)."""
+    from open_fastervit.train import TrainingInterrupted
+
+    run = str(tmp_path / "run")
+
+    def interrupted(cfg):  # noqa: ANN001, ANN202
+        raise TrainingInterrupted(run, 2, 5, 21, f"{run}/last.pt")
+
+    monkeypatch.setattr(f"{module}.{function}", interrupted)
+    data = "trees-neon" if command == "detect" else "nuclei-dsb2018"
+    code = cli_main([command, "train", "--data", str(data_path(data)), "--output", run])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith(f"fastervit {command} train: ")]
+    assert len(line) == 1 and f"{run}/last.pt" in line[0] and f"--resume {run}" in line[0]

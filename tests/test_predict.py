@@ -150,7 +150,7 @@ def test_expand_images_lists_files_and_folders_sorted_recursion_on_request(tmp_p
     (only_sub / "inner" / "x.png").write_bytes(b"x")
     (only_sub / "list.txt").write_bytes(b"x")
     with pytest.raises(ImageReadError, match=r"only_sub: no image files .* in this folder \(sub-folders not "
-                                             r"searched\)$"):
+                                             r"searched without --recursive\)$"):
         expand_images([single, only_sub])
     assert expand_images([only_sub], recursive=True) == [only_sub / "inner" / "x.png"]
     texts = tmp_path / "texts"
@@ -184,5 +184,40 @@ def test_every_predict_path_lists_inputs_with_expand_images(tmp_path):
     for run in (predict_detector, predict_segmenter):
         with pytest.raises(ImageReadError, match=r"gone\.jpg: no such file or folder$"):
             run(tmp_path / "no_run", [tmp_path / "koala.jpg", tmp_path / "gone.jpg"], tmp_path / "out")
-        with pytest.raises(ImageReadError, match="or its sub-folders$"):
+        with pytest.raises(ImageReadError, match=r"empty: no image files .* without --recursive\)$"):
             run(tmp_path / "no_run", [empty], tmp_path / "out")
+        with pytest.raises(ImageReadError, match="or its sub-folders$"):
+            run(tmp_path / "no_run", [empty], tmp_path / "out", recursive=True)
+
+
+def test_predict_searches_sub_folders_only_with_recursive(tmp_path, capsys):
+    """`fastervit predict FOLDER` takes the folder's own images (as `detect predict` and `segment predict` now do);
+    `--recursive` adds its sub-folders'. Expected: 2 lines without the flag, 3 with it (the sub-folder's image
+    last, sorted by relative path)."""
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(stub("bagel.jpg"), folder / "bagel.jpg")
+    shutil.copy(stub("koala.jpg"), folder / "koala.jpg")
+    shutil.copy(stub("tractor.jpg"), folder / "sub" / "tractor.jpg")
+    common = ["--model-kwargs", json.dumps(TINY), "--img-size", "64", "-k", "1", "--random-weights"]
+    assert main([str(folder), *common]) == 0
+    flat = [line.split(": ")[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert flat == [str(folder / "bagel.jpg"), str(folder / "koala.jpg")]
+    assert main([str(folder), "--recursive", *common]) == 0
+    deep = [line.split(": ")[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert deep == [str(folder / "bagel.jpg"), str(folder / "koala.jpg"), str(folder / "sub" / "tractor.jpg")]
+    assert [p.image for p in predict([folder], tiny(10), img_size=64, recursive=True)] == deep
+
+
+def test_describe_failure_names_the_path_once(tmp_path):
+    """A skip message names the file once: decoding errors already start with the path (the reported
+    "skipping X: X: not a readable image"), other errors get it prefixed."""
+    from open_fastervit.predict import describe_failure
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ImageReadError) as caught:
+        load_image(bad)
+    assert describe_failure(bad, caught.value) == str(caught.value)
+    assert str(caught.value).count(str(bad)) == 1
+    assert describe_failure(bad, ValueError("input too small")) == f"{bad}: input too small"

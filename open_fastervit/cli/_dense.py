@@ -40,8 +40,8 @@ def _usage(command: str) -> str:
 
 
 def _train(command: str, argv: list[str]) -> int:
-    from open_fastervit.cli.train import build_parser, config_from_args
-    from open_fastervit.train import TrainingDiverged
+    from open_fastervit.cli.train import build_parser, config_from_args, interrupted_exit
+    from open_fastervit.train import RunExistsError, TrainingDiverged, json_safe
 
     if command == "detect":
         from open_fastervit.detection.train import DetectionConfig as config_cls
@@ -55,11 +55,14 @@ def _train(command: str, argv: list[str]) -> int:
     try:
         cfg = config_from_args(argv, config_cls, parser)
         result = run(cfg)
-    except (DatasetError, TrainingDiverged, ValueError, FileNotFoundError) as err:  # CheckpointError: ValueError
+    except (DatasetError, TrainingDiverged, RunExistsError, ValueError, FileNotFoundError) as err:  # CheckpointError
         print(f"fastervit {command} train: error: {err}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("final", "build_config")}, indent=2))
+    except KeyboardInterrupt as err:  # one line with the --resume command, exit 130
+        return interrupted_exit(err, f"fastervit {command} train")
+    if int(os.environ.get("RANK", "0")) == 0:  # strict JSON, as results.json: a NaN score (no EMA) prints null
+        summary = {k: v for k, v in result.items() if k not in ("final", "build_config")}
+        print(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     return 0
 
 
@@ -112,36 +115,55 @@ def _evaluate(command: str, argv: list[str]) -> int:
     return 0
 
 
-def _predict(command: str, argv: list[str]) -> int:
+def _predict_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"fastervit {command} predict",
-                                description=f"Run a trained {TASKS[command]} model on images and write PNGs + json.")
+                                description=f"Run a trained {TASKS[command]} model on images and write PNGs + json. "
+                                            "Exits 1 when no image could be processed.")
     p.add_argument("weights", help="a run folder, its best.safetensors / last.safetensors / last.pt")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("inputs", nargs="+", help="image files or folders (a folder's sub-folders only with --recursive)")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--recursive", "-r", action="store_true",
+                   help="also take the images in the sub-folders of each folder given; their outputs go to the same "
+                        "sub-folders of the output folder")
     if command == "detect":
         p.add_argument("--score-threshold", type=float, default=0.5, help="draw and keep detections scoring at "
                                                                           "least this (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="run the plain (unfused) backbone")
-    args = p.parse_args(argv)
+    return p
+
+
+def _predict(command: str, argv: list[str]) -> int:
+    """``fastervit detect|segment predict``: each image that cannot be used is named once on stderr; exit 0 when at
+    least one image was processed (the skipped ones counted), 1 when none was or on a one-line error."""
+    args = _predict_parser(command).parse_args(argv)
+    prog = f"fastervit {command} predict"
+
+    def report(path: object, message: str) -> None:
+        print(f"{prog}: skipped {message}", file=sys.stderr)
+
+    common: dict[str, Any] = dict(recursive=args.recursive, on_error=report, device=args.device, fuse=args.fuse)
     try:
         if command == "detect":
             from open_fastervit.detection.train import predict_detector
 
             summary = predict_detector(args.weights, args.inputs, args.output, score_threshold=args.score_threshold,
-                                       device=args.device, fuse=args.fuse)
-            print(f"{summary['images']} image(s), {summary['detections']} detection(s) >= {args.score_threshold}: "
-                  f"PNGs in {args.output}, results in {summary['json']}")
+                                       **common)
+            done = (f"{summary['images']} image(s), {summary['detections']} detection(s) >= {args.score_threshold}: "
+                    f"PNGs in {args.output}, results in {summary['json']}")
         else:
             from open_fastervit.segmentation.train import predict_segmenter
 
-            summary = predict_segmenter(args.weights, args.inputs, args.output, device=args.device, fuse=args.fuse)
-            print(f"{summary['images']} image(s): masks and overlays in {args.output}, summary in {summary['json']}")
+            summary = predict_segmenter(args.weights, args.inputs, args.output, **common)
+            done = f"{summary['images']} image(s): masks and overlays in {args.output}, summary in {summary['json']}"
     except (DatasetError, ValueError, FileNotFoundError) as err:
-        print(f"fastervit {command} predict: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
-    for line in summary["skipped"]:
-        print(f"skipped {line}", file=sys.stderr)
+    skipped = len(summary["skipped"])
+    if summary["images"] == 0:
+        print(f"{prog}: error: no image could be processed ({skipped} skipped)", file=sys.stderr)
+        return 1
+    print(done + (f"; {skipped} image(s) skipped" if skipped else ""))
     return 0
 
 

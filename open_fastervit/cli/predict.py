@@ -16,7 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastervit predict", description="Classify images and print their top-k labels."
     )
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("images", nargs="+", help="image files or folders of images (a folder's sub-folders only "
+                                                  "with --recursive)")
+    parser.add_argument("--recursive", "-r", action="store_true",
+                        help="also classify the images in the sub-folders of each folder given")
     add_model_args(parser)
     parser.add_argument("--topk", "-k", type=int, default=3, help="labels per image (default 3)")
     parser.add_argument("--classes", default=None,
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         preds = predict(args.images, args.model, classes=args.classes, topk=args.topk, on_error=report,
-                        **model_call_args(args))
+                        recursive=args.recursive, **model_call_args(args))
     except (FileNotFoundError, ValueError) as e:  # CheckpointError and ImageReadError are ValueErrors
         print(f"fastervit predict: error: {e}", file=sys.stderr)
         return 1

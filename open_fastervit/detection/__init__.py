@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from .data import (
         CocoDetection,
         InstanceMaskFolder,
+        NoMasksError,
         RandomCropFraction,
         collate_detection,
         eval_transforms,
@@ -46,6 +47,7 @@ _EXPORTS = {
     "detector_param_groups": "models",
     "CocoDetection": "data",
     "InstanceMaskFolder": "data",
+    "NoMasksError": "data",
     "RandomCropFraction": "data",
     "collate_detection": "data",
     "eval_transforms": "data",
@@ -65,6 +67,7 @@ __all__ = [
     "CocoMetrics",
     "FasterViTFPN",
     "InstanceMaskFolder",
+    "NoMasksError",
     "RandomCropFraction",
     "build_detector",
     "coco_evaluate",

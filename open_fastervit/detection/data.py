@@ -44,6 +44,7 @@ from ..data import DECODE_ERRORS, MAX_CONSECUTIVE_FAILURES, DatasetError, ImageD
 __all__ = [
     "CocoDetection",
     "InstanceMaskFolder",
+    "NoMasksError",
     "RandomCropFraction",
     "collate_detection",
     "eval_transforms",
@@ -60,6 +61,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PER_BOX_FIELDS = ("labels", "area", "iscrowd")
 #: How many example names a problem report lists.
 _EXAMPLES = 5
+
+
+class NoMasksError(DatasetError):
+    """Masks were asked of a COCO json whose annotations have none (boxes only): Mask R-CNN cannot train on it."""
 
 
 def _quiet_coco(dataset: dict[str, Any]) -> COCO:
@@ -201,7 +206,9 @@ class CocoDetection(_SkippingDataset):
     * a box partly outside its image is clipped to it; a box with non-positive width or height, one entirely
       outside, or a malformed one is dropped; annotations of unknown images or categories are dropped;
     * crowd annotations (``iscrowd=1``) are left out of the targets (COCOeval still uses them from ``coco``);
-    * with ``masks=True``, an annotation without a decodable segmentation gets its (clipped) box as mask.
+    * with ``masks=True``, an annotation without a decodable segmentation gets its (clipped) box as mask, when
+      some annotations have one; when none has (a boxes-only json) ``NoMasksError`` is raised instead, before
+      anything is reported, as box-shaped masks would teach a mask head nothing.
 
     Images without any remaining annotation are kept (negative examples).
 
@@ -220,6 +227,7 @@ class CocoDetection(_SkippingDataset):
 
     Raises:
         DatasetError: ``ann_file`` missing or not COCO json, ``images_dir`` missing, or no usable image.
+        NoMasksError: ``masks=True`` and no kept annotation has a decodable segmentation (a ``DatasetError``).
     """
 
     def __init__(self, images_dir: str | Path, ann_file: str | Path, transforms: Callable | None = None,
@@ -275,6 +283,10 @@ class CocoDetection(_SkippingDataset):
                            for a in self.coco.imgToAnns.get(info["id"], [])]
             self._records.append({"id": info["id"], "file": path, "width": width, "height": height,
                                   "annotations": [a for a in annotations if a is not None]})
+        kept = sum(len(r["annotations"]) for r in self._records)
+        if self.masks and kept and counts["box_mask"] == kept:
+            raise NoMasksError(f"{self.ann_file}: the annotations have no segmentation masks (none of the {kept} "
+                               "usable annotations has a polygon or RLE segmentation), but masks were asked for")
         orphans = sum(1 for a in data["annotations"]
                       if not isinstance(a, dict) or a.get("image_id") not in known_images)
         if malformed_images:

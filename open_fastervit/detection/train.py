@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from ..data import DatasetError, read_image
-from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model
+from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model, write_json
 from ..distributed import DistInfo
 from ..train import _opt, check_config, run_training
 
@@ -52,7 +53,14 @@ class DetectionConfig(DenseConfig):
 
     TASK: ClassVar[str] = "detection"  # the recipes it takes
 
-    kind: str = _opt("mask_rcnn", "detector: mask_rcnn, faster_rcnn, retinanet or fcos (torchvision)")
+    num_classes: int | None = _opt(None, "number of object classes (background excluded); default: the train "
+                                         "split's categories (a recipe never sets it)")
+    epochs: int = _opt(36, "schedule length in epochs (the paper's 3x schedule: 36)")
+    min_lr: float = _opt(1e-6, "learning rate the cosine schedule (the default sched) ends at; multistep (the 3x "
+                               "recipe's) ignores it")
+    decay_rate: float = _opt(0.1, "multistep: the lr factor at each milestone (the 3x recipe: 0.1 at epochs 27, 33)")
+    kind: str = _opt("mask_rcnn", "detector: mask_rcnn (needs instance masks: polygons/RLE or instance folders), "
+                                  "faster_rcnn, retinanet or fcos (torchvision)")
     data: str = _opt("", "COCO root (ROOT/<split>/ + ROOT/annotations/instances_<split>.json) or an instance-mask "
                          "folder root (ROOT/<split>/images + ROOT/<split>/instances)")
     train_ann: str | None = _opt(None, "COCO json of the train split (default: "
@@ -126,12 +134,6 @@ def ground_truth(dataset: Any) -> Any:
         return _quiet_coco(json.loads(Path(path).read_text()))
 
 
-def _has_masks(dataset: Any) -> bool:
-    if hasattr(dataset, "coco"):
-        return any("segmentation" in a for a in dataset.coco.dataset.get("annotations", []))
-    return True  # instance folders
-
-
 @torch.inference_mode()
 def detect_dataset(model: nn.Module, loader: Any, device: torch.device, label_to_category: dict[int, int],
                    masks: bool, amp_dtype: torch.dtype | None = None) -> tuple[list[dict[str, Any]], list[int]]:
@@ -180,11 +182,14 @@ class DetectionTrainer(DenseTrainer):
     metric_title = "box mAP"
 
     def _build_datasets(self) -> tuple[Any, Any]:
+        from .data import NoMasksError
+
         self.with_masks = self.cfg.kind.replace("-", "_") == "mask_rcnn"
-        train_set, val_set = open_detection_data(self.cfg, masks=self.with_masks)
-        if self.with_masks and not _has_masks(train_set):
-            raise DatasetError(f"{self.cfg.data}: the annotations have no segmentation masks, which mask_rcnn needs; "
-                               "use kind faster_rcnn, retinanet or fcos for boxes only")
+        try:  # a boxes-only json is refused before anything about its annotations is reported
+            train_set, val_set = open_detection_data(self.cfg, masks=self.with_masks)
+        except NoMasksError as err:
+            raise DatasetError(f"{err}; kind mask_rcnn needs instance masks: use --kind faster_rcnn, retinanet or "
+                               "fcos for boxes only") from None
         if val_set is not None:
             self.val_gt = ground_truth(val_set)
             self.iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
@@ -297,13 +302,18 @@ def evaluate_detector(source: str | Path, data: str | Path, split: str = "val", 
         CheckpointError, DatasetError: unusable weights or data.
     """
     from ..data import LoaderOptions, build_eval_loader
-    from .data import collate_detection, eval_transforms
+    from .data import NoMasksError, collate_detection, eval_transforms
     from .metrics import coco_evaluate
 
     device_ = torch.device(device or "cpu")
     model = load_detector(source, device=device_)
     masks = model.build_config["kind"] == "mask_rcnn"
-    dataset = _split_data(Path(data).expanduser(), split, ann_file, masks, eval_transforms())
+    try:
+        dataset = _split_data(Path(data).expanduser(), split, ann_file, masks, eval_transforms())
+    except NoMasksError as err:
+        logger.warning("%s: box AP only", err)
+        masks = False
+        dataset = _split_data(Path(data).expanduser(), split, ann_file, masks, eval_transforms())
     if model.class_names and list(dataset.class_names) != list(model.class_names):
         logger.warning("the data's categories %s differ from the model's %s", dataset.class_names, model.class_names)
     loader = build_eval_loader(dataset, dataset.transforms, 1, LoaderOptions(workers=workers),
@@ -314,24 +324,28 @@ def evaluate_detector(source: str | Path, data: str | Path, split: str = "val", 
     metrics = coco_evaluate(ground_truth(dataset), results, iou_types, image_ids=seen)
     out = {iou: dict(values) for iou, values in metrics.items()}
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(out, indent=2))
+        write_json(json_path, out)
     return out
 
 
 class OutputNames:
-    """Output file stems, one per input image: its name, or ``name_2``, ``name_3``... when two inputs share one
-    (``a.jpg`` and ``a.png``, or ``x/tile.jpg`` and ``y/tile.jpg``), so no output overwrites another."""
+    """Output file stems, one per input image, as paths relative to the output folder: the input's relative path
+    without its suffix (``sub/tile`` for ``sub/tile.jpg`` found by a recursive listing, ``tile`` for a file given),
+    or ``tile_2``, ``tile_3``... in the same folder when two inputs would share one (``a.jpg`` and ``a.png``, or
+    files of the same name given from two places), so no output overwrites another."""
 
     def __init__(self) -> None:
         self.used: set[str] = set()
 
-    def unique(self, path: Path) -> str:
-        stem, n = path.stem, 1
-        while (stem if n == 1 else f"{path.stem}_{n}") in self.used:
+    def unique(self, relative: Path) -> Path:
+        """The stem path for an input whose outputs belong at ``relative`` (its path relative to the folder it was
+        listed from, or its name)."""
+        relative = Path(relative)
+        folder, n = relative.parent, 1
+        while (folder / (relative.stem if n == 1 else f"{relative.stem}_{n}")).as_posix() in self.used:
             n += 1
-        stem = stem if n == 1 else f"{path.stem}_{n}"
-        self.used.add(stem)
+        stem = folder / (relative.stem if n == 1 else f"{relative.stem}_{n}")
+        self.used.add(stem.as_posix())
         return stem
 
 
@@ -346,10 +360,17 @@ def set_score_threshold(detector: nn.Module, threshold: float) -> None:
 
 @torch.inference_mode()
 def predict_detector(source: str | Path, inputs: list[str | Path], output: str | Path, *,
-                     score_threshold: float = 0.5, device: str | None = None, fuse: bool = True) -> dict[str, Any]:
-    """Detect objects in image files (or folders of them, searched recursively with
-    ``open_fastervit.predict.expand_images``); write one PNG per image with the boxes (and masks)
-    drawn and ``detections.json`` (COCO-style results with ``file_name``; boxes ``[x, y, w, h]`` in pixels).
+                     score_threshold: float = 0.5, recursive: bool = False,
+                     on_error: Callable[[Path, str], Any] | None = None, device: str | None = None,
+                     fuse: bool = True) -> dict[str, Any]:
+    """Detect objects in image files and folders of them (listed by ``open_fastervit.predict.expand_images``: a
+    folder's images, its sub-folders too with ``recursive``); write one PNG per image with the boxes (and masks)
+    drawn and ``detections.json`` (COCO-style results with ``file_name``; boxes ``[x, y, w, h]`` in pixels). The PNG
+    of an image found in a sub-folder goes to the same sub-folder of ``output`` (``photos/a/x.jpg`` ->
+    ``OUTPUT/a/x.png``); ``x_2``... only when two inputs would write the same file.
+
+    An image that cannot be read or run is skipped: ``on_error(path, message)`` is called for it (the message names
+    the file), or without ``on_error`` a warning is logged; it is listed in the summary's ``skipped``.
 
     Returns:
         ``{"images": n, "detections": total above the threshold, "json": path, "pngs": [paths], "skipped": [...]}``.
@@ -360,11 +381,11 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
     """
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from ..predict import expand_images
+    from ..predict import expand_image_entries, report_skipped
     from .metrics import to_coco_results
     from .visualize import draw_detections, save_png
 
-    files = expand_images(inputs, recursive=True)  # before loading the model: a bad input fails fast
+    entries = expand_image_entries(inputs, recursive=recursive)  # before loading the model: a bad input fails fast
     device_ = torch.device(device or "cpu")
     model = load_detector(source, device=device_)
     runner = inference_copy(model) if fuse else model
@@ -374,15 +395,16 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
     categories = getattr(model, "category_ids", None) or list(range(1, model.build_config["num_classes"] + 1))
     labels = {label: int(cid) for label, cid in enumerate(categories, start=1)}
     set_score_threshold(runner, score_threshold)
-    results, pngs, skipped = [], [], []
+    results: list[dict[str, Any]] = []
+    pngs: list[str] = []
+    skipped: list[str] = []
     names = OutputNames()
-    for image_id, path in enumerate(files, start=1):
+    for image_id, (path, relative) in enumerate(entries, start=1):
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
             output_ = runner([image.to(device_)])[0]
-        except ValueError as err:  # ImageDecodeError, too small an image
-            skipped.append(f"{path}: {err}")
-            logger.warning("skipping %s: %s", path, err)
+        except (ValueError, FileNotFoundError) as err:  # ImageDecodeError, too small an image
+            report_skipped(path, err, skipped, on_error, logger)
             continue
         output_ = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output_.items()}
         keep = output_["scores"] >= score_threshold
@@ -392,10 +414,10 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
             if model.class_names:
                 entry["category_name"] = model.class_names[categories.index(entry["category_id"])]
             results.append(entry)
-        png = out_dir / f"{names.unique(path)}.png"
+        png = out_dir / f"{names.unique(relative)}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
         save_png(draw_detections(image, kept, model.class_names, score_threshold), png)
         pngs.append(str(png))
-    json_path = out_dir / "detections.json"
-    json_path.write_text(json.dumps(results, indent=1))
+    json_path = write_json(out_dir / "detections.json", results, indent=1)
     return {"images": len(pngs), "detections": len(results), "json": str(json_path), "pngs": pngs,
             "skipped": skipped}

@@ -213,7 +213,9 @@ class SegmentationFolder(Dataset):
     Attributes:
         samples: ``(image_path, mask_path)`` pairs kept. problems: ``DataProblem`` list. class_pixel_counts:
         int64 array ``(num_classes,)`` of labelled pixels per class over the kept masks (None without
-        ``check_labels``).
+        ``check_labels``). max_label: the largest label (after ``reduce_zero_label``, ``ignore_index`` left out)
+        in any mask checked, kept or left out (-1 when every pixel is ignored; None when no mask was checked):
+        ``max_label + 1`` is the class count the masks need, to check a given ``num_classes`` against.
 
     Raises:
         DatasetError: no image / mask folders for ``split`` under ``root`` (the message lists the paths tried), or
@@ -232,6 +234,8 @@ class SegmentationFolder(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = int(ignore_index)
         self.problems: list[DataProblem] = []
+        self.max_label: int | None = None
+        given_classes = num_classes
         if not self.root.is_dir():
             raise DatasetError(f"segmentation dataset root {self.root} does not exist or is not a folder")
         image_dir, mask_dir, tried = _find_split_dirs(self.root, split, images, masks)
@@ -256,9 +260,13 @@ class SegmentationFolder(Dataset):
             logger.warning("%s: %d problem(s), pairs left out:\n  %s%s", self.image_dir, len(self.problems),
                            shown, more)
         if not self.samples:
+            hint = ""
+            if given_classes is not None and self.max_label is not None and self.max_label >= given_classes:
+                hint = (f"; the masks hold labels up to {self.max_label} ({self.max_label + 1} classes) but "
+                        f"num_classes is {given_classes}: leave num_classes out to infer it from the masks")
             raise DatasetError(f"no usable image / mask pair in {self.image_dir} and {self.mask_dir}"
                                + (f" ({len(self.problems)} problem(s), first: {self.problems[0]})"
-                                  if self.problems else ""))
+                                  if self.problems else "") + hint)
         self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     # ---- scanning ------------------------------------------------------------------------------------------
@@ -316,6 +324,7 @@ class SegmentationFolder(Dataset):
         for image_path, mask_path, labels in pairs:
             valid = labels[labels != self.ignore_index]
             low, high = (int(valid.min()), int(valid.max())) if valid.size else (0, -1)
+            self.max_label = max(self.max_label if self.max_label is not None else -1, high)
             limit = num_classes if num_classes is not None else None
             if low < 0 or (limit is not None and high >= limit):
                 allowed = f"0..{limit - 1}" if limit is not None else ">= 0"

@@ -12,13 +12,15 @@ confusion matrix summed over ranks, computed on whole images in the backbone's i
 The paper's recipe (UPerNet on ADE20K: AdamW, lr 6e-5 at batch 16, weight decay 0.01, 512 x 512 crops, 160k
 iterations, poly schedule, an auxiliary FCN head on the stride-16 features with loss weight 0.4) is
 ``--recipe upernet_ade20k_160k``, the lr scaled linearly to the run's global batch. ``--aux-loss-weight`` adds
-that training-only head to any run (0, the default elsewhere, leaves it out).
+that training-only head to any run (0, the default elsewhere, leaves it out). A recipe never sets the dataset's
+properties: the class count is inferred from the train split's masks (``config.json`` records it), and ADE20K's
+label convention is the user's ``--reduce-zero-label``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DatasetError, read_image
-from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model
+from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model, write_json
 from ..distributed import DistInfo
-from ..train import _opt, check_config, run_training
+from ..train import _log, _opt, check_config, run_training
 
 __all__ = ["SegmentationConfig", "evaluate_segmenter", "load_segmenter", "predict_segmenter", "train_segmenter"]
 
@@ -43,13 +45,22 @@ class SegmentationConfig(DenseConfig):
 
     TASK: ClassVar[str] = "segmentation"  # the recipes it takes
 
+    num_classes: int | None = _opt(None, "number of classes; default: inferred from the train split's masks (the "
+                                         "lines of ROOT/classes.txt, else the largest label + 1 after "
+                                         "reduce_zero_label); a recipe never sets it")
+    epochs: int = _opt(36, "schedule length in epochs (the ADE20K recipe: 127, about 160k iterations of batch 16)")
+    min_lr: float = _opt(1e-6, "learning rate the schedule ends at (cosine by default; the ADE20K recipe's poly "
+                               "decays to 0)")
+    decay_rate: float = _opt(0.1, "poly: the power of the decay (the ADE20K recipe: 1.0, linear); multistep: the lr "
+                                  "factor at each milestone")
     kind: str = _opt("upernet", "decoder: upernet (the paper's) or fpn (segmentation_models_pytorch)")
     data: str = _opt("", "root of image/mask folder pairs: ROOT/<split>/{images,masks} or the ADE20K layout "
                          "ROOT/{images,annotations}/{training,validation}")
     images: str = _opt("images", "name of the image folders")
     masks: str = _opt("masks", "name of the mask folders (class-index PNGs; 'annotations' is also found)")
     ignore_index: int = _opt(255, "mask value left out of the loss and the metrics")
-    reduce_zero_label: bool = _opt(False, "ADE20K: label 0 ('other') becomes ignore_index, 1..150 become 0..149")
+    reduce_zero_label: bool = _opt(False, "ADE20K: label 0 ('other') becomes ignore_index, 1..150 become 0..149 "
+                                          "(a property of the data: pass it for ADE20K, with or without a recipe)")
     crop_size: int = _opt(512, "training crop side in pixels")
     scale_range: list = _opt([0.5, 2.0], "random rescale factor range")
     hflip: float = _opt(0.5, "horizontal flip probability")
@@ -125,6 +136,29 @@ class SegmentationTrainer(DenseTrainer):
 
     def _build_datasets(self) -> tuple[Any, Any]:
         return open_segmentation_data(self.cfg)
+
+    def _resolve_num_classes(self, cfg: Any) -> tuple[Any, dict[str, str]]:
+        """As ``DenseTrainer``'s, with a given ``num_classes`` checked against the labels of the train masks:
+        labels at or above it (their pairs were left out) are an error, a count above the labels' a warning."""
+        cfg, inferred = super()._resolve_num_classes(cfg)
+        top = self.train_set.max_label
+        if inferred:
+            return cfg, {"num_classes": f"the {cfg.train_split!r} masks" + (", reduce_zero_label"
+                                                                              if cfg.reduce_zero_label else "")}
+        if top is None:
+            return cfg, inferred
+        dropped = sum(1 for p in self.train_set.problems if p.kind == "label_out_of_range")
+        if top >= cfg.num_classes:
+            raise ValueError(f"num_classes={cfg.num_classes} but the {cfg.train_split!r} masks hold labels up to {top}"
+                             f" ({top + 1} classes, reduce_zero_label={cfg.reduce_zero_label}): {dropped} pair(s) "
+                             f"would be left out; leave --num-classes out to infer {top + 1}")
+        if top + 1 < cfg.num_classes:
+            _log(self.info, f"warning: num_classes={cfg.num_classes} but the {cfg.train_split!r} masks hold labels "
+                            f"0..{top} only ({top + 1} classes, reduce_zero_label={cfg.reduce_zero_label}): classes "
+                            f"{top + 1}..{cfg.num_classes - 1} never occur; leave --num-classes out to infer "
+                            f"{top + 1}" + ("" if cfg.reduce_zero_label else " (ADE20K masks need "
+                                                                               "--reduce-zero-label)"))
+        return cfg, inferred
 
     def _build_model(self) -> nn.Module:
         from .models import build_segmenter
@@ -262,18 +296,26 @@ def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val",
            "mean_accuracy": values["mean_accuracy"],
            "per_class_iou": {name: iou for name, iou in zip(names, values["per_class_iou"])}}
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(out, indent=2))
+        write_json(json_path, out)  # a class absent from the split has IoU NaN: null in the file
     return out
 
 
 @torch.inference_mode()
-def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str | Path, *,
-                      device: str | None = None, fuse: bool = True, alpha: float = 0.5) -> dict[str, Any]:
-    """Segment image files (or folders of them, searched recursively with ``open_fastervit.predict.expand_images``):
-    write ``<name>_mask.png`` (class indices, 8-bit, or 16-bit for
+def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str | Path, *, recursive: bool = False,
+                      on_error: Callable[[Path, str], Any] | None = None, device: str | None = None,
+                      fuse: bool = True, alpha: float = 0.5) -> dict[str, Any]:
+    """Segment image files and folders of them (listed by ``open_fastervit.predict.expand_images``: a folder's
+    images, its sub-folders too with ``recursive``): write ``<name>_mask.png`` (class indices, 8-bit, or 16-bit for
     more than 256 classes) and ``<name>_overlay.png`` (colours over the image) per image, and ``predictions.json``
-    (per image: the files and the pixel share of each class).
+    (per image: the files and the pixel share of each class). The outputs of an image found in a sub-folder go to
+    the same sub-folder of ``output`` (``photos/a/x.jpg`` -> ``OUTPUT/a/x_mask.png``); ``x_2``... only when two
+    inputs would write the same file (``x.jpg`` and ``x.png``, or files of the same name given from two places).
+
+    An image that cannot be read or segmented is skipped: ``on_error(path, message)`` is called for it (the message
+    names the file), or without ``on_error`` a warning is logged; it is listed in the summary's ``skipped``.
+
+    Returns:
+        ``{"images": number segmented, "json": path, "skipped": [message, ...]}``.
 
     Raises:
         CheckpointError: unusable weights; ImageReadError (a ValueError): an input that does not exist, a folder
@@ -283,10 +325,10 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     from ..detection.train import OutputNames
-    from ..predict import expand_images
+    from ..predict import expand_image_entries, report_skipped
     from .visualize import overlay_mask, save_png
 
-    files = expand_images(inputs, recursive=True)  # before loading the model: a bad input fails fast
+    entries = expand_image_entries(inputs, recursive=recursive)  # before loading the model: a bad input fails fast
     device_ = torch.device(device or "cpu")
     model = load_segmenter(source, device=device_)
     runner = inference_copy(model) if fuse else model
@@ -294,24 +336,24 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
     names = model.class_names or [f"class_{i}" for i in range(num_classes)]
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records, skipped = [], []
+    records: list[dict[str, Any]] = []
+    skipped: list[str] = []
     stems = OutputNames()
-    for path in files:
+    for path, relative in entries:
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
             prediction = runner(image[None].to(device_))[0].argmax(0).cpu()
-        except ValueError as err:  # ImageDecodeError, too small an image
-            skipped.append(f"{path}: {err}")
-            logger.warning("skipping %s: %s", path, err)
+        except (ValueError, FileNotFoundError) as err:  # ImageDecodeError, too small an image
+            report_skipped(path, err, skipped, on_error, logger)
             continue
-        stem = stems.unique(path)
-        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        stem = out_dir / stems.unique(relative)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        mask_path, overlay_path = stem.with_name(f"{stem.name}_mask.png"), stem.with_name(f"{stem.name}_overlay.png")
         array = prediction.numpy().astype("uint8" if num_classes <= 256 else "uint16")
         Image.fromarray(array).save(mask_path)
         save_png(overlay_mask(image, prediction, num_classes, alpha=alpha), overlay_path)
         shares = torch.bincount(prediction.flatten(), minlength=num_classes).float() / prediction.numel()
         records.append({"file_name": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
                         "class_share": {names[i]: round(float(s), 6) for i, s in enumerate(shares) if s > 0}})
-    json_path = out_dir / "predictions.json"
-    json_path.write_text(json.dumps(records, indent=1))
+    json_path = write_json(out_dir / "predictions.json", records, indent=1)
     return {"images": len(records), "json": str(json_path), "skipped": skipped}
