@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -278,6 +279,45 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
     if cfg.pretrained and cfg.official_checkpoint:
         raise ValueError("give either pretrained (own weights) or official_checkpoint, not both")
+
+
+#: Config fields holding a file or folder given relative to the working directory (``config.json`` stores them
+#: absolute, so that ``--resume RUN`` works from anywhere).
+PATH_FIELDS = ("data", "data_dir", "pretrained", "official_checkpoint", "backbone_checkpoint", "train_ann", "val_ann",
+               "output")
+
+
+def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with each :data:`PATH_FIELDS` value that names an existing path made absolute (others kept:
+    dataset names, timm specs such as ``hfds/...``, unset fields)."""
+    out = dict(settings)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
+#: What a training run writes into its output folder (files, and the TensorBoard folder ``tb``).
+RUN_OUTPUTS = ("last.pt", "last.safetensors", "last_ema.safetensors", "best.safetensors", "results.json",
+               "summary.csv", "curves.png", "config.json", "tb")
+
+
+def remove_run_outputs(folder: Path) -> list[str]:
+    """Delete the outputs of a run (:data:`RUN_OUTPUTS`) from ``folder``, nothing else; returns the names removed.
+    Used by ``overwrite``, so that e.g. an old ``last_ema.safetensors`` or old TensorBoard events cannot pass for the
+    new run's."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def check_output(cfg: RunConfig) -> None:
@@ -716,8 +756,11 @@ class Trainer:
         if cfg.resume:
             self._resume(cfg.resume)
         if info.is_primary:
+            if getattr(cfg, "overwrite", False) and not cfg.resume:
+                remove_run_outputs(self.out)  # no file of the replaced run survives to be mistaken for this one's
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))  # auto fields resolved
+            settings = absolute_paths(asdict(self.cfg))  # `--resume RUN` works from any working directory
+            (self.out / "config.json").write_text(json.dumps(settings, indent=2))  # auto fields resolved
         self.writer = self._tensorboard()
 
     # -- set-up

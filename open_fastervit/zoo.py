@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import operator
 from typing import Any
 
 import timm
@@ -188,10 +189,17 @@ def _img_size(value: Any) -> tuple[int, int] | None:
     """
     if value is None:
         return None
-    size = (value, value) if isinstance(value, int) else tuple(value)
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size):
-        raise ValueError(f"img_size must be an integer >= 32 or (height, width) of such integers, got {value!r}")
-    return size  # type: ignore[return-value]
+    message = f"img_size must be an integer >= 32 or (height, width) of such integers, got {value!r}"
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2 or any(isinstance(v, bool) for v in items):
+        raise ValueError(message)
+    try:
+        size = (operator.index(items[0]), operator.index(items[1]))  # ints and numpy integers; not floats
+    except TypeError:
+        raise ValueError(message) from None
+    if min(size) < MIN_INPUT_SIZE:
+        raise ValueError(message)
+    return size
 
 
 def _register(name: str) -> None:

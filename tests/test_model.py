@@ -319,6 +319,9 @@ def test_img_size_sets_the_data_config_size_only() -> None:
     assert model(torch.randn(1, 3, 96, 64)).shape == (1, 10)  # still any size
     assert tiny(img_size=(256, 320)).default_cfg["input_size"] == (3, 256, 320)
     assert tiny().pretrained_cfg["input_size"] == (3, 224, 224)
-    for bad in (16, (224,), "224", (224.0, 224)):
+    import numpy as np
+
+    assert tiny(img_size=np.int64(256)).default_cfg["input_size"] == (3, 256, 256)
+    for bad in (16, (224,), "224", (224.0, 224), 384.0, 384.5, True, (0, 384), (224, 224, 224)):
         with pytest.raises(ValueError, match="img_size must be an integer >= 32"):
             tiny(img_size=bad)

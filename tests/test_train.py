@@ -365,5 +365,31 @@ def test_existing_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path, 
     with pytest.raises(RunExistsError, match=r"\(last.pt from epoch 2\)"):  # the API refuses as well
         train(TrainConfig(**{**QUICK, "output": str(tmp_path)}))
 
-    assert main([*argv, "--overwrite"]) == 0
+    # files of the replaced run that the new one would not write (no EMA here) must not survive --overwrite
+    (tmp_path / "last_ema.safetensors").write_bytes(b"old")
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.old").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    assert main([*argv, "--overwrite", "--no-model-ema", "--no-tensorboard"]) == 0
     assert load_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 2
+    assert not (tmp_path / "last_ema.safetensors").exists() and not (tmp_path / "tb").exists()
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"  # only the run's outputs are removed
+
+
+def test_config_json_stores_paths_absolute_so_resume_works_from_anywhere(tmp_path, monkeypatch):
+    """Before: config.json kept `--data ../shared/data/...` as typed, so `fastervit train --resume RUN` from another
+    working directory failed with "dataset path ... does not exist". Expected: existing relative paths are stored
+    absolute; names, timm specs and unset fields are kept."""
+    from open_fastervit.train import absolute_paths
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    settings = {"data": "data", "pretrained": "w.safetensors", "official_checkpoint": None, "data_dir": "",
+                "backbone_checkpoint": "missing.pt", "model": "data", "lr": 1e-3}
+    out = absolute_paths(settings)
+    assert out["data"] == str(tmp_path.resolve() / "data")
+    assert out["pretrained"] == str(tmp_path.resolve() / "w.safetensors")
+    assert out["official_checkpoint"] is None and out["data_dir"] == "" and out["backbone_checkpoint"] == "missing.pt"
+    assert out["model"] == "data" and out["lr"] == 1e-3  # not a path field
+    assert settings["data"] == "data"  # the input is not modified
