@@ -125,8 +125,8 @@ def kernel_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
 
 #: Largest number of rows (tokens in the call) for which a packed fp32 linear runs on CPUs without AVX-512. There,
 #: oneDNN's packed fp32 kernels with fused GELU / add lose to MKL's GEMM plus a separate op from about 64 rows on
-#: (AMD EPYC Zen 3, FasterViT's shapes: 0.69-0.98x at 212-3392 rows, 1.0-1.67x at 16 rows), while on AVX-512 CPUs
-#: they win at every size. None: no limit.
+#: (AMD EPYC Zen 3, FasterViT's linear shapes: MKL faster in 14 of 18 shape/row pairs at 212-3392 rows, packed faster
+#: in 5 of 6 at 16 rows; experiments/cpu_kernels.py), while on AVX-512 CPUs they won at every size. None: no limit.
 AVX2_PACKED_LINEAR_MAX_ROWS = 64
 
 
