@@ -272,7 +272,7 @@ def test_fuse_inside_inference_mode_runs_and_never_goes_stale() -> None:
 @needs_onednn
 def test_convolutions_keep_one_packed_copy_per_input_shape(kernel_calls) -> None:
     """oneDNN lays a packed conv weight out for the input shape it is told (weights packed for batch 16 ran batch 1
-    4.7x slower on AVX2): each conv keeps one packed copy per input shape, at most ``max_packed``, oldest dropped;
+    3.6x slower on AVX2): each conv keeps one packed copy per input shape, at most ``max_packed``, oldest dropped;
     linears keep one per dtype. Outputs match the plain model at every batch size."""
     model = tiny()
     fused = copy.deepcopy(model).fuse().to(memory_format=torch.channels_last)

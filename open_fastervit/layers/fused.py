@@ -252,7 +252,8 @@ class FusedConv2d(_Packed):
 
     def _layout_key(self, hint: Tensor) -> tuple:
         # oneDNN picks the convolution's weight layout for the input shape it is told: weights packed for batch 16
-        # ran batch 1 4.7x slower (128 channels, 28x28, AVX2), and the reverse 1.45x. One copy per input shape.
+        # ran batch 1 3.6x slower (128 channels, 28x28, AVX2), and the reverse 1.33x (experiments/cpu_kernels.py).
+        # One copy per input shape.
         return tuple(hint.shape)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
