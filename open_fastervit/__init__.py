@@ -3,8 +3,10 @@
 Importing the package registers the published models with timm (``timm.create_model('fastervit_0')``).
 """
 
-from . import _compat  # noqa: F401  (first: old module paths keep working, with a deprecation warning)
-from . import plugins  # noqa: F401  (registers the hat_swin_* models with timm)
+from . import (
+    compat,  # noqa: F401  (first: old module paths keep working, with a deprecation warning)
+    plugins,  # noqa: F401  (registers the hat_swin_* models with timm)
+)
 from .backbone import FasterViTBackbone, create_backbone
 from .convert import checkpoint_filter_fn, official_to_ours
 from .deploy.export import export_model, load_exported

@@ -21,7 +21,8 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from open_fastervit.paths import data_path
-from open_fastervit.train import TrainConfig, train
+from open_fastervit.tasks.classification import TrainConfig
+from open_fastervit.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 ARCH = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate")}
@@ -71,7 +72,8 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     # evaluation ran on each rank's shard and was reduced: rank 0's saved weights (BN statistics averaged over
     # the ranks) score exactly the reported top-1 on all 40 images
     from open_fastervit.data import LoaderOptions, build_eval_loader, open_dataset
-    from open_fastervit.train import _subset, _transforms
+    from open_fastervit.tasks.classification.task import classification_transforms as _transforms
+    from open_fastervit.train.loader import subset_indices as _subset
     from open_fastervit.validate import evaluate
 
     model = timm.create_model("fastervit_0", **ARCH, num_classes=10)

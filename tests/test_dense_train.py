@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from open_fastervit.cli import main as cli_main
 from open_fastervit.data import DatasetError
-from open_fastervit.detection.train import DetectionConfig, evaluate_detector, load_detector, train_detector
 from open_fastervit.paths import data_path
-from open_fastervit.segmentation.train import SegmentationConfig, load_segmenter, train_segmenter
 from open_fastervit.serialization import CheckpointError
+from open_fastervit.tasks.detection.train import DetectionConfig, evaluate_detector, load_detector, train_detector
+from open_fastervit.tasks.segmentation.train import SegmentationConfig, load_segmenter, train_segmenter
 
 REPO = Path(__file__).resolve().parent.parent
 ARCH = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate", "layer_scale",
@@ -306,9 +306,9 @@ def _faulty_coco(tmp_path: Path) -> Path:
 def test_evaluation_scores_the_cleaned_annotations(tmp_path):
     """Boxes clipped or dropped by the dataset are scored as the dataset trains on them: its own targets as
     predictions give mAP 1.0 exactly (against the raw json, the clipped edge box would count as a miss)."""
-    from open_fastervit.detection.data import CocoDetection
-    from open_fastervit.detection.metrics import coco_evaluate, to_coco_results
-    from open_fastervit.detection.train import ground_truth
+    from open_fastervit.tasks.detection.data import CocoDetection
+    from open_fastervit.tasks.detection.metrics import coco_evaluate, to_coco_results
+    from open_fastervit.tasks.detection.train import ground_truth
 
     root = _faulty_coco(tmp_path)
     dataset = CocoDetection(root / "val", root / "annotations" / "instances_val.json")
@@ -327,7 +327,7 @@ def test_evaluation_scores_the_cleaned_annotations(tmp_path):
 
 def test_an_unreadable_image_is_left_out_of_evaluation_not_counted_twice():
     """The dataset replaces an unreadable image by its neighbour; evaluation drops the repeat."""
-    from open_fastervit.detection.train import detect_dataset
+    from open_fastervit.tasks.detection.train import detect_dataset
 
     class Echo(torch.nn.Module):
         def forward(self, images):
@@ -342,7 +342,7 @@ def test_an_unreadable_image_is_left_out_of_evaluation_not_counted_twice():
 
 
 def test_predict_writes_coco_category_ids_and_never_overwrites(tmp_path):
-    from open_fastervit.detection.train import predict_detector
+    from open_fastervit.tasks.detection.train import predict_detector
 
     root = _faulty_coco(tmp_path)
     for split in ("train",):
@@ -457,7 +457,7 @@ def test_the_ade20k_recipe_on_nuclei_trains_the_datas_two_classes(ade_recipe_on_
 def test_dense_run_json_is_strict(ade_recipe_on_nuclei, tmp_path):
     """Reported: the run's JSON summary held a bare NaN (best_ema_mIoU, a run without EMA). Expected: every JSON a
     dense run writes or prints parses strictly, the missing EMA score as null."""
-    from open_fastervit.dense import write_json
+    from open_fastervit.tasks.dense import write_json
 
     out, stdout = ade_recipe_on_nuclei
     printed = _strict_json(stdout)
@@ -604,8 +604,8 @@ def test_dense_predict_recursion_is_opt_in_and_mirrors_sub_folders(ade_recipe_on
 
 
 @pytest.mark.parametrize("command, module, function", [
-    ("detect", "open_fastervit.detection.train", "train_detector"),
-    ("segment", "open_fastervit.segmentation.train", "train_segmenter"),
+    ("detect", "open_fastervit.cli._dense", "train"),
+    ("segment", "open_fastervit.cli._dense", "train"),
 ])
 def test_ctrl_c_in_dense_training_prints_the_resume_line_and_exits_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, command: str, module: str,

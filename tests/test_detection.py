@@ -15,10 +15,11 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-import open_fastervit.detection as detection
+import open_fastervit.tasks.detection as detection
 from open_fastervit.backbone import create_backbone
 from open_fastervit.data import DatasetError
-from open_fastervit.detection import (
+from open_fastervit.paths import data_path
+from open_fastervit.tasks.detection import (
     CocoDetection,
     InstanceMaskFolder,
     build_detector,
@@ -35,7 +36,6 @@ from open_fastervit.detection import (
     to_coco_results,
     train_transforms,
 )
-from open_fastervit.paths import data_path
 
 TINY_ARCH = dict(dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=(7, 7, 3, 3),
                  drop_path_rate=0.0)
@@ -198,9 +198,9 @@ def gt_coco(boxes_per_image: list[list[list[float]]], height: int = 200, width: 
         for box in boxes:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 7, "bbox": box,
                                 "area": box[2] * box[3], "iscrowd": 0})
-    from open_fastervit.detection.data import _quiet_coco
+    from open_fastervit.tasks.detection.data import quiet_coco
 
-    return _quiet_coco({"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "x"}]})
+    return quiet_coco({"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "x"}]})
 
 
 def xywh_to_output(boxes: list[list[float]], shift: float = 0.0) -> dict[str, torch.Tensor]:
@@ -414,7 +414,7 @@ def test_boxes_only_json_with_masks_is_one_error_without_a_box_mask_warning(tmp_
     segmentation given their box as mask", then failed for lack of masks. Expected: NoMasksError (a DatasetError)
     naming the 716 annotations and no warning before it; box masks still fill the gaps of a json that has masks
     (the partial case keeps its warning, see test_coco_dataset_reports_and_skips_problems)."""
-    from open_fastervit.detection.data import NoMasksError
+    from open_fastervit.tasks.detection.data import NoMasksError
 
     root = data_path("trees-neon")
     with caplog.at_level("WARNING"), pytest.raises(NoMasksError, match="none of the 716 usable annotations"):

@@ -7,7 +7,7 @@ import timm
 import torch
 from conftest import TINY
 
-from open_fastervit.train import _unused_parameters
+from open_fastervit.tasks.classification.task import probe_unused_parameters as _unused_parameters
 
 
 def test_forward_intermediates_stop_early_skips_the_final_norm() -> None:

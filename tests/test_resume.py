@@ -19,11 +19,12 @@ from conftest import TINY, settings_argv
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from open_fastervit.checkpoint import load_checkpoint
 from open_fastervit.cli.train import main as train_main
 from open_fastervit.data import LoaderOptions, build_train_loader
 from open_fastervit.paths import data_path
-from open_fastervit.train import TrainConfig, train
+from open_fastervit.tasks.classification import TrainConfig
+from open_fastervit.train import train
+from open_fastervit.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 ARCH = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate")}
@@ -176,7 +177,7 @@ def test_sample_randomness_depends_only_on_seed_epoch_and_position():
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A write that dies half-way leaves the previous checkpoint intact and no temporary file behind."""
-    from open_fastervit.checkpoint import capture_rng, save_checkpoint
+    from open_fastervit.train.checkpoint import capture_rng, save_checkpoint
 
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"state_dict": {"w": torch.ones(3)}, "rng": [capture_rng()]})

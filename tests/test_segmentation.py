@@ -17,7 +17,7 @@ from torchvision import tv_tensors
 
 from open_fastervit.data import DatasetError
 from open_fastervit.paths import data_path
-from open_fastervit.segmentation import (
+from open_fastervit.tasks.segmentation import (
     SegmentationFolder,
     SegmentationMetric,
     build_segmenter,
@@ -139,8 +139,9 @@ def test_param_groups_and_rebuild_from_config():
 
 
 def test_importing_the_package_does_not_load_smp():
-    code = ("import sys, open_fastervit.segmentation as s; assert 'segmentation_models_pytorch' not in sys.modules;"
-            "s.SegmentationMetric; assert 'segmentation_models_pytorch' not in sys.modules")
+    code = ("import sys, open_fastervit.tasks.segmentation as s; "
+            "assert 'segmentation_models_pytorch' not in sys.modules; s.SegmentationMetric; "
+            "assert 'segmentation_models_pytorch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
@@ -458,7 +459,7 @@ def _oracle_folder(root, sizes=((32, 40), (36, 48), (40, 56)), corrupt: int = 1)
 def test_an_unreadable_validation_image_is_left_out_of_evaluation_not_counted_twice(tmp_path, caplog, batch_size):
     """Before: the neighbour of an unreadable val image was evaluated in its place, so its pixels were counted
     twice. Now the eval folder serves None for it, collate drops it, and only the readable images count."""
-    from open_fastervit.segmentation.train import SegmentationConfig, open_segmentation_data, segment_dataset
+    from open_fastervit.tasks.segmentation.train import SegmentationConfig, open_segmentation_data, segment_dataset
 
     pixels = _oracle_folder(tmp_path)
     train_set, val_set = open_segmentation_data(SegmentationConfig(data=str(tmp_path), num_classes=3))
@@ -483,7 +484,7 @@ def test_an_unreadable_validation_image_is_left_out_of_evaluation_not_counted_tw
 def test_evaluate_segmenter_leaves_an_unreadable_image_out(tmp_path, monkeypatch, caplog):
     """`fastervit segment evaluate` builds its folder without substitution: perfect predictions give mIoU 1.0 and a
     warning naming the unreadable image."""
-    import open_fastervit.segmentation.train as seg_train
+    import open_fastervit.tasks.segmentation.train as seg_train
 
     _oracle_folder(tmp_path)
     oracle = _Oracle()
@@ -505,7 +506,7 @@ def _aux_segmenter(num_classes: int = 3):
 
 
 def test_aux_head_layout_and_inference_unchanged():
-    from open_fastervit.dense import inference_copy
+    from open_fastervit.tasks.dense import inference_copy
 
     torch.manual_seed(0)
     model = _aux_segmenter()
@@ -539,7 +540,7 @@ def test_aux_head_layout_and_inference_unchanged():
 
 
 def test_aux_loss_is_main_plus_weighted_aux_and_trains_the_head():
-    from open_fastervit.segmentation.train import SegmentationConfig, SegmentationTrainer
+    from open_fastervit.tasks.segmentation.train import SegmentationConfig, SegmentationTrainer
 
     def trainer_for(weight: float) -> SegmentationTrainer:
         trainer = SegmentationTrainer.__new__(SegmentationTrainer)  # only the model and loss hooks are exercised
@@ -571,7 +572,7 @@ def test_aux_loss_is_main_plus_weighted_aux_and_trains_the_head():
 
 
 def test_aux_head_survives_save_and_load(tmp_path):
-    from open_fastervit.segmentation.train import load_segmenter
+    from open_fastervit.tasks.segmentation.train import load_segmenter
     from open_fastervit.weights import save_weights
 
     torch.manual_seed(0)

@@ -12,12 +12,13 @@ from conftest import TINY, settings_argv
 from safetensors.torch import load_file
 
 import open_fastervit
-from open_fastervit.checkpoint import load_checkpoint
 from open_fastervit.cli.train import build_parser, config_from_args, main
 from open_fastervit.data import DatasetError
 from open_fastervit.paths import data_path
 from open_fastervit.recipes import list_recipes, load_recipe
-from open_fastervit.train import TrainConfig, TrainingDiverged, effective_lr, train
+from open_fastervit.tasks.classification import TrainConfig
+from open_fastervit.train import TrainingDiverged, effective_lr, train
+from open_fastervit.train.checkpoint import load_checkpoint
 
 DATA = str(data_path("tiny-imagenet-10"))
 ARCH = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate")}
@@ -70,7 +71,8 @@ def test_recipe_run_writes_every_output(recipe_run, capsys):
 def test_saved_weights_reproduce_the_reported_accuracy(recipe_run):
     """The EMA weights in last_ema.safetensors score exactly the EMA top-1 of the final epoch."""
     from open_fastervit.data import LoaderOptions, build_eval_loader, open_dataset
-    from open_fastervit.train import _subset, _transforms
+    from open_fastervit.tasks.classification.task import classification_transforms as _transforms
+    from open_fastervit.train.loader import subset_indices as _subset
     from open_fastervit.validate import evaluate
 
     cfg, result = recipe_run
@@ -138,7 +140,7 @@ def test_unreadable_training_images_are_skipped_and_reported(tmp_path, capsys):
 
 
 def test_mesa_distillation_term():
-    from open_fastervit.mesa import MesaLoss, distillation_kl
+    from open_fastervit.tasks.classification.mesa import MesaLoss, distillation_kl
 
     student, teacher, targets = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
     assert float(distillation_kl(student, student)) == pytest.approx(0.0, abs=1e-6)
@@ -290,8 +292,8 @@ def test_resume_alone_takes_the_saved_settings_and_flags_override_them(tmp_path,
     import dataclasses
     import json
 
-    from open_fastervit.checkpoint import save_checkpoint
-    from open_fastervit.detection.train import DetectionConfig
+    from open_fastervit.tasks.detection.train import DetectionConfig
+    from open_fastervit.train.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()
@@ -349,8 +351,8 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path, 
 def test_existing_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
     """Before: training into a folder holding an interrupted run silently overwrote its last.pt. Expected: a one-line
     error naming the epoch of its last.pt, --resume and --output, last.pt untouched; --overwrite trains afresh."""
-    from open_fastervit.checkpoint import save_checkpoint
     from open_fastervit.train import RunExistsError
+    from open_fastervit.train.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "last.pt", {"progress": {"epoch": 1, "step_in_epoch": 3, "global_step": 11}})
     before = (tmp_path / "last.pt").read_bytes()

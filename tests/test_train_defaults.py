@@ -16,15 +16,13 @@ from conftest import TINY
 from open_fastervit.cli.train import config_from_args
 from open_fastervit.paths import data_path
 from open_fastervit.recipes import list_recipes, load_recipe
-from open_fastervit.train import (
+from open_fastervit.tasks.classification.config import (
     AUTO_FIELDS,
-    EMA_MAX_DECAY,
     PAPER_AUGMENTATION,
     TrainConfig,
-    auto_ema_decay,
     resolve_auto_settings,
-    train,
 )
+from open_fastervit.train import EMA_MAX_DECAY, auto_ema_decay, train
 
 DATA = str(data_path("tiny-imagenet-10"))
 ARCH = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate")}

@@ -1,5 +1,5 @@
 """``fastervit detect`` and ``fastervit segment``: ``train`` / ``evaluate`` / ``predict`` sub-commands over
-``open_fastervit.detection.train`` and ``open_fastervit.segmentation.train``.
+``open_fastervit.tasks.detection`` and ``open_fastervit.tasks.segmentation``.
 
 ``train`` takes one option per field of the task's config (``DetectionConfig`` / ``SegmentationConfig``) and
 ``--recipe``, exactly as ``fastervit train`` does; it runs under ``torchrun`` as one DDP rank per process.
@@ -13,7 +13,11 @@ import os
 import sys
 from typing import Any
 
+from open_fastervit.cli.train import build_parser, config_from_args, interrupted_exit
 from open_fastervit.data import DatasetError
+from open_fastervit.tasks.detection import evaluate_detector, predict_detector
+from open_fastervit.tasks.segmentation import evaluate_segmenter, predict_segmenter
+from open_fastervit.train import RunExistsError, TrainingDiverged, get_task, json_safe, train
 
 __all__ = ["dense_main"]
 
@@ -40,21 +44,13 @@ def _usage(command: str) -> str:
 
 
 def _train(command: str, argv: list[str]) -> int:
-    from open_fastervit.cli.train import build_parser, config_from_args, interrupted_exit
-    from open_fastervit.train import RunExistsError, TrainingDiverged, json_safe
-
-    if command == "detect":
-        from open_fastervit.detection.train import DetectionConfig as config_cls
-        from open_fastervit.detection.train import train_detector as run
-    else:
-        from open_fastervit.segmentation.train import SegmentationConfig as config_cls
-        from open_fastervit.segmentation.train import train_segmenter as run
+    config_cls = get_task(TASKS[command]).config_class
     parser = build_parser(config_cls, f"fastervit {command} train",
                           f"Train or fine-tune a FasterViT {TASKS[command]} model (DDP under torchrun). Options "
                           f"override the recipe, which overrides the defaults. Example: {EXAMPLES[command]}")
     try:
         cfg = config_from_args(argv, config_cls, parser)
-        result = run(cfg)
+        result = train(cfg)
     except (DatasetError, TrainingDiverged, RunExistsError, ValueError, FileNotFoundError) as err:  # CheckpointError
         print(f"fastervit {command} train: error: {err}", file=sys.stderr)
         return 1
@@ -90,16 +86,12 @@ def _evaluate(command: str, argv: list[str]) -> int:
     args = _evaluate_parser(command).parse_args(argv)
     try:
         if command == "detect":
-            from open_fastervit.detection.train import evaluate_detector
-
             metrics: dict[str, Any] = evaluate_detector(args.weights, args.data, args.split, ann_file=args.ann,
                                                         json_path=args.json_path, device=args.device, fuse=args.fuse,
                                                         workers=args.workers)
             for iou, values in metrics.items():
                 print(f"{iou}: mAP {values['mAP']:.4f}  mAP50 {values['mAP50']:.4f}  mAP75 {values['mAP75']:.4f}")
         else:
-            from open_fastervit.segmentation.train import evaluate_segmenter
-
             metrics = evaluate_segmenter(args.weights, args.data, args.split, images=args.images, masks=args.masks,
                                          ignore_index=args.ignore_index, reduce_zero_label=args.reduce_zero_label,
                                          json_path=args.json_path, device=args.device, fuse=args.fuse,
@@ -145,15 +137,11 @@ def _predict(command: str, argv: list[str]) -> int:
     common: dict[str, Any] = dict(recursive=args.recursive, on_error=report, device=args.device, fuse=args.fuse)
     try:
         if command == "detect":
-            from open_fastervit.detection.train import predict_detector
-
             summary = predict_detector(args.weights, args.inputs, args.output, score_threshold=args.score_threshold,
                                        **common)
             done = (f"{summary['images']} image(s), {summary['detections']} detection(s) >= {args.score_threshold}: "
                     f"PNGs in {args.output}, results in {summary['json']}")
         else:
-            from open_fastervit.segmentation.train import predict_segmenter
-
             summary = predict_segmenter(args.weights, args.inputs, args.output, **common)
             done = f"{summary['images']} image(s): masks and overlays in {args.output}, summary in {summary['json']}"
     except (DatasetError, ValueError, FileNotFoundError) as err:

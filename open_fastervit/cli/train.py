@@ -19,7 +19,9 @@ from typing import Any
 from open_fastervit.cli._common import AMP_CHOICES, amp_word
 from open_fastervit.data import DatasetError
 from open_fastervit.recipes import list_recipes, load_recipe, recipe_task
-from open_fastervit.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from open_fastervit.tasks.classification import TrainConfig
+from open_fastervit.train import TrainingDiverged, TrainingInterrupted, train
+from open_fastervit.train.checkpoint import read_training_state
 
 __all__ = ["build_parser", "config_from_args", "interrupted_exit", "main", "saved_settings"]
 
@@ -87,8 +89,6 @@ def saved_settings(resume: str, config_cls: type = TrainConfig) -> tuple[dict[st
         FileNotFoundError: ``resume`` does not exist.
         ValueError: no saved settings, or settings that ``config_cls`` does not have (a run of another task).
     """
-    from open_fastervit.checkpoint import read_training_state
-
     path = Path(resume).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--resume {resume}: no such run folder or checkpoint")

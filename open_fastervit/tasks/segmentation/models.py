@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbone import FasterViTBackbone, create_backbone
-from ..model import MIN_INPUT_SIZE
+from ...backbone import FasterViTBackbone, create_backbone
+from ...model import MIN_INPUT_SIZE
 
 __all__ = [
     "SEGMENTER_KINDS",

@@ -43,7 +43,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from ..backbone import FasterViTBackbone, create_backbone
+from ...backbone import FasterViTBackbone, create_backbone
 
 __all__ = [
     "DETECTOR_KINDS",

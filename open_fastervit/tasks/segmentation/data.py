@@ -31,7 +31,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import DECODE_ERRORS, MAX_CONSECUTIVE_FAILURES, DatasetError, ImageDecodeError, read_image
+from ...data import DECODE_ERRORS, MAX_CONSECUTIVE_FAILURES, DatasetError, ImageDecodeError, read_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",

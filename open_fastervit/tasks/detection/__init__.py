@@ -15,6 +15,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .train import (  # the task itself (registered with the engine); light: its heavy parts load on use
+    DetectionConfig,
+    DetectionTask,
+    evaluate_detector,
+    load_detector,
+    predict_detector,
+    train_detector,
+)
+
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first access
     from .data import (
         CocoDetection,
@@ -62,6 +71,12 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "DetectionConfig",
+    "DetectionTask",
+    "evaluate_detector",
+    "load_detector",
+    "predict_detector",
+    "train_detector",
     "DETECTOR_KINDS",
     "CocoDetection",
     "CocoMetrics",

@@ -1,6 +1,6 @@
 """Process-group set-up and collectives for DistributedDataParallel training.
 
-``torchrun --nproc_per_node N [--nnodes M ...] -m open_fastervit.train ...`` sets the usual environment
+``torchrun --nproc_per_node N [--nnodes M ...] -m open_fastervit.cli train ...`` sets the usual environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``); ``init_distributed`` then joins the
 group through timm (NCCL on CUDA, gloo on CPU) and pins each process to its local GPU. Without those
 variables everything here is a no-op on a single process.
@@ -15,6 +15,8 @@ import torch.distributed as dist
 from timm.utils import distribute_bn
 from timm.utils.distributed import init_distributed_device_so, is_distributed_env
 from torch import nn
+
+from ..runtime import default_device
 
 __all__ = ["DistInfo", "average_bn_stats", "cleanup", "init_distributed", "rank_divergence", "reduce_sums"]
 
@@ -38,13 +40,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def init_distributed(device: str | None = None, backend: str | None = None) -> DistInfo:
     """Join the process group described by the environment (torchrun / SLURM), or run single-process."""
-    device = device or default_device()
+    device = device or str(default_device())
     if is_distributed_env() and not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     info = init_distributed_device_so(device=device, dist_backend=backend)

@@ -1,8 +1,8 @@
 """Training, evaluation and prediction of FasterViT semantic segmenters (``fastervit segment train|evaluate|predict``).
 
-``train_segmenter(SegmentationConfig(...))`` runs the classification trainer's machinery (``open_fastervit.train``:
+``train_segmenter(SegmentationConfig(...))`` runs the training engine (``open_fastervit.train``:
 torchrun DDP, exact resume from ``last.pt`` after a kill, atomic checkpoints, AMP, layer-wise lr decay, EMA,
-progress bar, CSV, TensorBoard, ``curves.png``, ``results.json``) with the segmentation hooks of this module:
+progress bar, CSV, TensorBoard, ``curves.png``, ``results.json``) with the segmentation task of this module:
 image/mask folder pairs (``SegmentationFolder``: ``ROOT/<split>/{images,masks}`` or the ADE20K layout
 ``ROOT/{images,annotations}/{training,validation}``), smp's UPerNet / FPN decoders on the FasterViT backbone
 (``build_segmenter``), per-pixel cross-entropy (``ignore_index`` excluded), and mIoU / pixel accuracy from a
@@ -29,10 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import DatasetError, read_image
-from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model, write_json
-from ..distributed import DistInfo
-from ..train import _log, _opt, check_config, run_training
+from ...data import DatasetError, read_image
+from ...train.config import option
+from ...train.distributed import DistInfo
+from ...train.engine import run_training
+from ...train.loader import LoaderOptions, build_eval_loader
+from ...train.reporting import log, write_json
+from ...train.task import register_task
+from ..dense import DenseConfig, DenseTask, OutputNames, inference_copy, load_dense_model
 
 __all__ = ["SegmentationConfig", "evaluate_segmenter", "load_segmenter", "predict_segmenter", "train_segmenter"]
 
@@ -45,33 +49,46 @@ class SegmentationConfig(DenseConfig):
 
     TASK: ClassVar[str] = "segmentation"  # the recipes it takes
 
-    num_classes: int | None = _opt(None, "number of classes; default: inferred from the train split's masks (the "
+    num_classes: int | None = option(None, "number of classes; default: inferred from the train split's masks (the "
                                          "lines of ROOT/classes.txt, else the largest label + 1 after "
                                          "reduce_zero_label); a recipe never sets it")
-    epochs: int = _opt(36, "schedule length in epochs (the ADE20K recipe: 127, about 160k iterations of batch 16)")
-    min_lr: float = _opt(1e-6, "learning rate the schedule ends at (cosine by default; the ADE20K recipe's poly "
+    epochs: int = option(36, "schedule length in epochs (the ADE20K recipe: 127, about 160k iterations of batch 16)")
+    min_lr: float = option(1e-6, "learning rate the schedule ends at (cosine by default; the ADE20K recipe's poly "
                                "decays to 0)")
-    decay_rate: float = _opt(0.1, "poly: the power of the decay (the ADE20K recipe: 1.0, linear); multistep: the lr "
+    decay_rate: float = option(0.1, "poly: the power of the decay (the ADE20K recipe: 1.0, linear); multistep: the lr "
                                   "factor at each milestone")
-    kind: str = _opt("upernet", "decoder: upernet (the paper's) or fpn (segmentation_models_pytorch)")
-    data: str = _opt("", "root of image/mask folder pairs: ROOT/<split>/{images,masks} or the ADE20K layout "
+    kind: str = option("upernet", "decoder: upernet (the paper's) or fpn (segmentation_models_pytorch)")
+    data: str = option("", "root of image/mask folder pairs: ROOT/<split>/{images,masks} or the ADE20K layout "
                          "ROOT/{images,annotations}/{training,validation}")
-    images: str = _opt("images", "name of the image folders")
-    masks: str = _opt("masks", "name of the mask folders (class-index PNGs; 'annotations' is also found)")
-    ignore_index: int = _opt(255, "mask value left out of the loss and the metrics")
-    reduce_zero_label: bool = _opt(False, "ADE20K: label 0 ('other') becomes ignore_index, 1..150 become 0..149 "
+    images: str = option("images", "name of the image folders")
+    masks: str = option("masks", "name of the mask folders (class-index PNGs; 'annotations' is also found)")
+    ignore_index: int = option(255, "mask value left out of the loss and the metrics")
+    reduce_zero_label: bool = option(False, "ADE20K: label 0 ('other') becomes ignore_index, 1..150 become 0..149 "
                                           "(a property of the data: pass it for ADE20K, with or without a recipe)")
-    crop_size: int = _opt(512, "training crop side in pixels")
-    scale_range: list = _opt([0.5, 2.0], "random rescale factor range")
-    hflip: float = _opt(0.5, "horizontal flip probability")
-    vflip: float = _opt(0.0, "vertical flip probability (aerial and microscopy images)")
-    color_jitter: float = _opt(0.2, "brightness/contrast/saturation jitter (0: off)")
-    decoder_channels: int | None = _opt(None, "decoder width (UPerNet 512, FPN 256)")
-    aux_loss_weight: float = _opt(0.0, "weight of the auxiliary FCN head's loss on the stride-16 features "
+    crop_size: int = option(512, "training crop side in pixels")
+    scale_range: list = option([0.5, 2.0], "random rescale factor range")
+    hflip: float = option(0.5, "horizontal flip probability")
+    vflip: float = option(0.0, "vertical flip probability (aerial and microscopy images)")
+    color_jitter: float = option(0.2, "brightness/contrast/saturation jitter (0: off)")
+    decoder_channels: int | None = option(None, "decoder width (UPerNet 512, FPN 256)")
+    aux_loss_weight: float = option(0.0, "weight of the auxiliary FCN head's loss on the stride-16 features "
                                        "(training only; the ADE20K recipe uses 0.4); 0: no auxiliary head")
-    weight_decay: float = _opt(0.01, "weight decay (not applied to biases, norms, layer scales)")
-    lr_base: float = _opt(6e-5, "learning rate at global batch lr_base_size (linear scaling)")
-    output: str = _opt("runs/segment", "output folder")
+    weight_decay: float = option(0.01, "weight decay (not applied to biases, norms, layer scales)")
+    lr_base: float = option(6e-5, "learning rate at global batch lr_base_size (linear scaling)")
+    output: str = option("runs/segment", "output folder")
+
+    def check(self) -> None:
+        """The shared checks, then the auxiliary loss weight and UPerNet's batch size.
+
+        Raises:
+            ValueError: naming the field.
+        """
+        super().check()
+        if not self.aux_loss_weight >= 0:
+            raise ValueError(f"aux_loss_weight must be >= 0 (0: no auxiliary head), got {self.aux_loss_weight}")
+        if self.kind == "upernet" and self.batch_size < 2:
+            raise ValueError("upernet needs batch_size >= 2 per process in training (its pooling branch normalises "
+                             "1x1 maps with BatchNorm); use kind fpn for batch 1")
 
 
 def open_segmentation_data(cfg: SegmentationConfig) -> tuple[Any, Any]:
@@ -127,20 +144,23 @@ def _all_reduce(confusion: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return confusion
 
 
-class SegmentationTrainer(DenseTrainer):
-    """Segmentation hooks of the shared trainer (see the module docstring)."""
+@register_task
+class SegmentationTask(DenseTask):
+    """Semantic segmentation as a task of the engine (see the module docstring)."""
 
-    task = "segmentation"
+    name = "segmentation"
     metric = "mIoU"
     metric_title = "mIoU"
+    config_class = SegmentationConfig
+    cfg: SegmentationConfig
 
-    def _build_datasets(self) -> tuple[Any, Any]:
+    def build_datasets(self) -> tuple[Any, Any]:
         return open_segmentation_data(self.cfg)
 
-    def _resolve_num_classes(self, cfg: Any) -> tuple[Any, dict[str, str]]:
+    def resolve_num_classes(self, cfg: Any) -> tuple[Any, dict[str, str]]:
         """As ``DenseTrainer``'s, with a given ``num_classes`` checked against the labels of the train masks:
         labels at or above it (their pairs were left out) are an error, a count above the labels' a warning."""
-        cfg, inferred = super()._resolve_num_classes(cfg)
+        cfg, inferred = super().resolve_num_classes(cfg)
         top = self.train_set.max_label
         if inferred:
             return cfg, {"num_classes": f"the {cfg.train_split!r} masks" + (", reduce_zero_label"
@@ -153,18 +173,18 @@ class SegmentationTrainer(DenseTrainer):
                              f" ({top + 1} classes, reduce_zero_label={cfg.reduce_zero_label}): {dropped} pair(s) "
                              f"would be left out; leave --num-classes out to infer {top + 1}")
         if top + 1 < cfg.num_classes:
-            _log(self.info, f"warning: num_classes={cfg.num_classes} but the {cfg.train_split!r} masks hold labels "
+            log(self.info, f"warning: num_classes={cfg.num_classes} but the {cfg.train_split!r} masks hold labels "
                             f"0..{top} only ({top + 1} classes, reduce_zero_label={cfg.reduce_zero_label}): classes "
                             f"{top + 1}..{cfg.num_classes - 1} never occur; leave --num-classes out to infer "
                             f"{top + 1}" + ("" if cfg.reduce_zero_label else " (ADE20K masks need "
                                                                                "--reduce-zero-label)"))
         return cfg, inferred
 
-    def _build_model(self) -> nn.Module:
+    def build_dense_model(self) -> nn.Module:
         from .models import build_segmenter
 
         cfg = self.cfg
-        backbone_kwargs = self._backbone_kwargs()
+        backbone_kwargs = self.backbone_kwargs()
         if cfg.backbone_checkpoint:
             backbone_kwargs["checkpoint"] = cfg.backbone_checkpoint
         num_classes = cfg.num_classes or self.train_set.num_classes
@@ -172,49 +192,56 @@ class SegmentationTrainer(DenseTrainer):
         return build_segmenter(cfg.kind, cfg.model, num_classes, backbone_kwargs=backbone_kwargs,
                                decoder_channels=cfg.decoder_channels, aux_head=cfg.aux_loss_weight > 0)
 
-    def _input_size(self) -> tuple[int, int, int]:
+    def input_size(self) -> tuple[int, int, int]:
         return (3, self.cfg.crop_size, self.cfg.crop_size)
 
-    def _collate(self) -> Any:
+    def collate_fn(self) -> Any:
         import functools
 
         from .data import collate_segmentation
 
         return functools.partial(collate_segmentation, ignore_index=self.cfg.ignore_index)
 
-    def _param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         from .models import segmenter_param_groups
 
-        return segmenter_param_groups(self.model, self.lr, self.cfg.weight_decay, self.cfg.layer_decay)
+        return segmenter_param_groups(model, lr, self.cfg.weight_decay, self.cfg.layer_decay)
 
-    def _to_device(self, batch: Any) -> tuple[Any, Any]:
+    @staticmethod
+    def model_from_config(config: dict[str, Any]) -> nn.Module:
+        from .models import segmenter_from_config
+
+        return segmenter_from_config(config)
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        """``(images (B, 3, H, W), masks (B, H, W))`` on ``device``."""
         images, masks = batch
         memory = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory)
-        return images, masks.to(self.device, non_blocking=True)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory)
+        return images, masks.to(device, non_blocking=True)
 
-    def _forward_loss(self, images: Any, targets: Any) -> torch.Tensor:
+    def loss(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         """Per-pixel cross-entropy of ``images (B, 3, H, W)`` against ``targets (B, H, W)`` (``ignore_index`` left
         out), plus ``aux_loss_weight`` times the auxiliary head's cross-entropy when that weight is > 0."""
         weight = float(self.cfg.aux_loss_weight)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if weight > 0:
-                logits, aux = self.train_model(images, return_aux=True)
-            else:
-                logits, aux = self.train_model(images), None
+        if weight > 0:
+            logits, aux = model(inputs, return_aux=True)
+        else:
+            logits, aux = model(inputs), None
         loss = F.cross_entropy(logits.float(), targets, ignore_index=self.cfg.ignore_index)
         if aux is not None:
             loss = loss + weight * F.cross_entropy(aux.float(), targets, ignore_index=self.cfg.ignore_index)
         return loss
 
-    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> dict[str, Any]:
         """mIoU, pixel accuracy and per-class IoU of ``model`` on the val split (whole images, inference form of
         the backbone; each rank its shard, confusion matrices summed). Unreadable images are left out (logged);
         ``count`` is the number of images evaluated."""
         was_training = model.training
         try:
-            metric, count = segment_dataset(inference_copy(model), self.val_loader, self.device, self.num_classes,
-                                            self.cfg.ignore_index, self.amp_dtype)
+            metric, count = segment_dataset(inference_copy(model), loader, device, self.num_classes,
+                                            self.cfg.ignore_index, amp_dtype)
         finally:
             model.train(was_training)
         _all_reduce(metric.confusion, self.info)
@@ -226,7 +253,7 @@ class SegmentationTrainer(DenseTrainer):
             row[f"IoU_{name}"] = iou
         return row
 
-    def _describe_metrics(self, row: dict[str, Any]) -> list[str]:
+    def describe_metrics(self, row: dict[str, Any]) -> list[str]:
         parts = []
         if "mIoU" in row:
             parts.append(f"mIoU {row['mIoU']:.4f} pixel acc {row['pixel_accuracy']:.4f}")
@@ -242,13 +269,8 @@ def train_segmenter(cfg: SegmentationConfig) -> dict[str, Any]:
         DatasetError: missing/empty data; ValueError: bad settings; CheckpointError: unusable weights;
         TrainingDiverged: a NaN loss (the last good checkpoint is kept).
     """
-    check_config(cfg)
-    if not cfg.aux_loss_weight >= 0:
-        raise ValueError(f"aux_loss_weight must be >= 0 (0: no auxiliary head), got {cfg.aux_loss_weight}")
-    if cfg.kind == "upernet" and cfg.batch_size < 2:
-        raise ValueError("upernet needs batch_size >= 2 per process in training (its pooling branch normalises "
-                         "1x1 maps with BatchNorm); use kind fpn for batch 1")
-    return run_training(SegmentationTrainer, cfg)
+    cfg.check()
+    return run_training(SegmentationTask, cfg)
 
 
 def load_segmenter(source: str | Path, *, device: str | torch.device | None = None,
@@ -274,7 +296,6 @@ def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val",
     """
     import functools
 
-    from ..data import LoaderOptions, build_eval_loader
     from .data import SegmentationFolder, collate_segmentation, eval_transforms
 
     device_ = torch.device(device or "cpu")
@@ -324,8 +345,7 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from ..detection.train import OutputNames
-    from ..predict import expand_image_entries, report_skipped
+    from ...predict import expand_image_entries, report_skipped
     from .visualize import overlay_mask, save_png
 
     entries = expand_image_entries(inputs, recursive=recursive)  # before loading the model: a bad input fails fast

@@ -39,7 +39,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..data import DECODE_ERRORS, MAX_CONSECUTIVE_FAILURES, DatasetError, ImageDecodeError, read_image
+from ...data import DECODE_ERRORS, MAX_CONSECUTIVE_FAILURES, DatasetError, ImageDecodeError, read_image
 
 __all__ = [
     "CocoDetection",
@@ -67,7 +67,7 @@ class NoMasksError(DatasetError):
     """Masks were asked of a COCO json whose annotations have none (boxes only): Mask R-CNN cannot train on it."""
 
 
-def _quiet_coco(dataset: dict[str, Any]) -> COCO:
+def quiet_coco(dataset: dict[str, Any]) -> COCO:
     """A pycocotools ``COCO`` index over an already-loaded json dict, without its prints."""
     coco = COCO()
     coco.dataset = dataset
@@ -245,7 +245,7 @@ class CocoDetection(_SkippingDataset):
         self.class_names = [str(c.get("name", c["id"])) for c in categories]
         self.label_to_category = {label: cid for label, cid in enumerate(self.category_ids, start=1)}
         self._category_to_label = {cid: label for label, cid in self.label_to_category.items()}
-        self.coco = _quiet_coco(data)
+        self.coco = quiet_coco(data)
         self._records: list[dict[str, Any]] = []
         self._index_images(data)
         self._init_skipping(len(self._records))
@@ -363,7 +363,7 @@ class CocoDetection(_SkippingDataset):
             if ann.get("iscrowd", 0) and ann.get("image_id") in kept_ids and isinstance(ann.get("bbox"), list):
                 annotations.append({**ann, "id": len(annotations) + 1})
         categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names)]
-        return _quiet_coco({"images": images, "annotations": annotations, "categories": categories})
+        return quiet_coco({"images": images, "annotations": annotations, "categories": categories})
 
     def __len__(self) -> int:
         return len(self._records)

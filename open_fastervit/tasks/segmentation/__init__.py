@@ -15,7 +15,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .train import (  # the task itself (registered with the engine); light: its heavy parts load on use
+    SegmentationConfig,
+    SegmentationTask,
+    evaluate_segmenter,
+    load_segmenter,
+    predict_segmenter,
+    train_segmenter,
+)
+
 __all__ = [
+    "SegmentationConfig",
+    "SegmentationTask",
+    "evaluate_segmenter",
+    "load_segmenter",
+    "predict_segmenter",
+    "train_segmenter",
     "SEGMENTER_KINDS",
     "DataProblem",
     "RandomRescale",

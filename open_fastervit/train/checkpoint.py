@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .serialization import CheckpointError, atomic_write, load_checkpoint_file
+from ..serialization import CheckpointError, atomic_write, load_checkpoint_file
 
 __all__ = ["CHECKPOINT_VERSION", "capture_rng", "load_checkpoint", "read_progress", "read_training_state",
            "restore_rng", "save_checkpoint"]

@@ -1,8 +1,8 @@
 """Training, evaluation and prediction of FasterViT detectors (``fastervit detect train|evaluate|predict``).
 
-``train_detector(DetectionConfig(...))`` runs the classification trainer's machinery (``open_fastervit.train``:
+``train_detector(DetectionConfig(...))`` runs the training engine (``open_fastervit.train``:
 torchrun DDP, exact resume from ``last.pt`` after a kill, atomic checkpoints, AMP, layer-wise lr decay, EMA,
-progress bar, CSV, TensorBoard, ``curves.png``, ``results.json``) with the detection hooks of this module: COCO
+progress bar, CSV, TensorBoard, ``curves.png``, ``results.json``) with the detection task of this module: COCO
 data (``CocoDetection``) or instance-mask folders (``InstanceMaskFolder``), torchvision detectors
 (``build_detector``), the sum of the detector's losses, and COCO box / mask AP (pycocotools) computed in the
 backbone's inference form. ``best.safetensors`` holds the weights with the best box mAP.
@@ -33,10 +33,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..data import DatasetError, read_image
-from ..dense import DenseConfig, DenseTrainer, inference_copy, load_dense_model, write_json
-from ..distributed import DistInfo
-from ..train import _opt, check_config, run_training
+from ...data import DatasetError, read_image
+from ...train.config import option
+from ...train.distributed import DistInfo
+from ...train.engine import run_training
+from ...train.loader import LoaderOptions, build_eval_loader
+from ...train.reporting import write_json
+from ...train.task import register_task
+from ..dense import DenseConfig, DenseTask, OutputNames, inference_copy, load_dense_model
 
 __all__ = ["DetectionConfig", "evaluate_detector", "load_detector", "predict_detector", "train_detector"]
 
@@ -53,34 +57,34 @@ class DetectionConfig(DenseConfig):
 
     TASK: ClassVar[str] = "detection"  # the recipes it takes
 
-    num_classes: int | None = _opt(None, "number of object classes (background excluded); default: the train "
+    num_classes: int | None = option(None, "number of object classes (background excluded); default: the train "
                                          "split's categories (a recipe never sets it)")
-    epochs: int = _opt(36, "schedule length in epochs (the paper's 3x schedule: 36)")
-    min_lr: float = _opt(1e-6, "learning rate the cosine schedule (the default sched) ends at; multistep (the 3x "
+    epochs: int = option(36, "schedule length in epochs (the paper's 3x schedule: 36)")
+    min_lr: float = option(1e-6, "learning rate the cosine schedule (the default sched) ends at; multistep (the 3x "
                                "recipe's) ignores it")
-    decay_rate: float = _opt(0.1, "multistep: the lr factor at each milestone (the 3x recipe: 0.1 at epochs 27, 33)")
-    kind: str = _opt("mask_rcnn", "detector: mask_rcnn (needs instance masks: polygons/RLE or instance folders), "
+    decay_rate: float = option(0.1, "multistep: the lr factor at each milestone (the 3x recipe: 0.1 at epochs 27, 33)")
+    kind: str = option("mask_rcnn", "detector: mask_rcnn (needs instance masks: polygons/RLE or instance folders), "
                                   "faster_rcnn, retinanet or fcos (torchvision)")
-    data: str = _opt("", "COCO root (ROOT/<split>/ + ROOT/annotations/instances_<split>.json) or an instance-mask "
+    data: str = option("", "COCO root (ROOT/<split>/ + ROOT/annotations/instances_<split>.json) or an instance-mask "
                          "folder root (ROOT/<split>/images + ROOT/<split>/instances)")
-    train_ann: str | None = _opt(None, "COCO json of the train split (default: "
+    train_ann: str | None = option(None, "COCO json of the train split (default: "
                                         "ROOT/annotations/instances_<split>.json)")
-    val_ann: str | None = _opt(None, "COCO json of the val split (default: ROOT/annotations/instances_<split>.json)")
-    min_size: list = _opt(PAPER_MIN_SIZES, "short side(s) of the resized input in pixels: one drawn per training "
+    val_ann: str | None = option(None, "COCO json of the val split (default: ROOT/annotations/instances_<split>.json)")
+    min_size: list = option(PAPER_MIN_SIZES, "short side(s) of the resized input in pixels: one drawn per training "
                                            "batch; evaluation uses the last")
-    max_size: int = _opt(1333, "cap on the long side of the resized input, pixels")
-    hflip: float = _opt(0.5, "horizontal flip probability")
-    vflip: float = _opt(0.0, "vertical flip probability (aerial and microscopy images)")
-    crop: str | None = _opt(None, "random crop: None, 'iou' (SSD IoU crop) or 'random' (30-100% of the area)")
-    fpn_channels: int = _opt(256, "channels of the feature pyramid")
-    anchor_sizes: list | None = _opt(None, "anchor size per pyramid level in pixels (default 32..512)")
-    box_head_channels: int | None = _opt(None, "R-CNNs: width of the box head's two-layer MLP (default 1024)")
-    mask_head_channels: int | None = _opt(None, "Mask R-CNN: channels of the mask head (default 256)")
-    rois_per_image: int = _opt(512, "R-CNNs: sampled RoIs per image for the box head loss (torchvision: 512)")
-    detections_per_img: int = _opt(100, "detections kept per image")
-    score_thresh: float = _opt(0.05, "detections scoring below are dropped, in validation too (the usual COCO "
+    max_size: int = option(1333, "cap on the long side of the resized input, pixels")
+    hflip: float = option(0.5, "horizontal flip probability")
+    vflip: float = option(0.0, "vertical flip probability (aerial and microscopy images)")
+    crop: str | None = option(None, "random crop: None, 'iou' (SSD IoU crop) or 'random' (30-100% of the area)")
+    fpn_channels: int = option(256, "channels of the feature pyramid")
+    anchor_sizes: list | None = option(None, "anchor size per pyramid level in pixels (default 32..512)")
+    box_head_channels: int | None = option(None, "R-CNNs: width of the box head's two-layer MLP (default 1024)")
+    mask_head_channels: int | None = option(None, "Mask R-CNN: channels of the mask head (default 256)")
+    rois_per_image: int = option(512, "R-CNNs: sampled RoIs per image for the box head loss (torchvision: 512)")
+    detections_per_img: int = option(100, "detections kept per image")
+    score_thresh: float = option(0.05, "detections scoring below are dropped, in validation too (the usual COCO "
                                      "practice: 0.05; predict may lower it)")
-    output: str = _opt("runs/detect", "output folder")
+    output: str = option("runs/detect", "output folder")
 
 
 def _split_data(root: Path, split: str, ann: str | None, masks: bool, transforms: Any) -> Any:
@@ -127,11 +131,11 @@ def ground_truth(dataset: Any) -> Any:
     construction (``CocoDetection.evaluation_coco``), an instance folder's masks written as a temporary json."""
     if hasattr(dataset, "evaluation_coco"):
         return dataset.evaluation_coco()
-    from .data import _quiet_coco, instance_folder_to_coco
+    from .data import instance_folder_to_coco, quiet_coco
 
     with tempfile.TemporaryDirectory() as tmp:
         path = instance_folder_to_coco(dataset.root, dataset.split, Path(tmp) / "gt.json")
-        return _quiet_coco(json.loads(Path(path).read_text()))
+        return quiet_coco(json.loads(Path(path).read_text()))
 
 
 @torch.inference_mode()
@@ -174,14 +178,17 @@ def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{iou}_{key}": float(value) for iou, values in metrics.items() for key, value in values.items()}
 
 
-class DetectionTrainer(DenseTrainer):
-    """Detection hooks of the shared trainer (see the module docstring)."""
+@register_task
+class DetectionTask(DenseTask):
+    """Object detection / instance segmentation as a task of the engine (see the module docstring)."""
 
-    task = "detection"
+    name = "detection"
     metric = "bbox_mAP"
     metric_title = "box mAP"
+    config_class = DetectionConfig
+    cfg: DetectionConfig
 
-    def _build_datasets(self) -> tuple[Any, Any]:
+    def build_datasets(self) -> tuple[Any, Any]:
         from .data import NoMasksError
 
         self.with_masks = self.cfg.kind.replace("-", "_") == "mask_rcnn"
@@ -195,11 +202,11 @@ class DetectionTrainer(DenseTrainer):
             self.iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
         return train_set, val_set
 
-    def _build_model(self) -> nn.Module:
+    def build_dense_model(self) -> nn.Module:
         from .models import build_detector
 
         cfg = self.cfg
-        backbone_kwargs = self._backbone_kwargs()
+        backbone_kwargs = self.backbone_kwargs()
         if cfg.backbone_checkpoint:
             backbone_kwargs["checkpoint"] = cfg.backbone_checkpoint
         extra: dict[str, Any] = {}
@@ -217,50 +224,57 @@ class DetectionTrainer(DenseTrainer):
                               else min_size[0], max_size=cfg.max_size, backbone_kwargs=backbone_kwargs,
                               fpn_channels=cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes, **extra)
 
-    def _input_size(self) -> tuple[int, int, int]:
+    def input_size(self) -> tuple[int, int, int]:
         return (3, int(self.cfg.min_size[-1]), int(self.cfg.max_size))
 
-    def _collate(self) -> Any:
+    def collate_fn(self) -> Any:
         from .data import collate_detection
 
         return collate_detection
 
-    def _param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         from .models import detector_param_groups
 
-        return detector_param_groups(self.model, self.lr, self.cfg.weight_decay, self.cfg.layer_decay)
+        return detector_param_groups(model, lr, self.cfg.weight_decay, self.cfg.layer_decay)
 
-    def _to_device(self, batch: Any) -> tuple[Any, Any]:
+    @staticmethod
+    def model_from_config(config: dict[str, Any]) -> nn.Module:
+        from .models import detector_from_config
+
+        return detector_from_config(config)
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        """``(list of images (3, H, W), list of target dicts)`` on ``device``."""
         images, targets = batch
-        device = self.device
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
                    for t in targets]
         return images, targets
 
-    def _forward_loss(self, images: Any, targets: Any) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            losses = self.train_model(images, targets)
+    def loss(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+        """The sum of the detector's losses (RPN, box, class, mask), in float32."""
+        losses = model(inputs, targets)
         return sum(loss.float() for loss in losses.values())
 
-    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> dict[str, Any]:
         """COCO AP of ``model`` on the val split (inference form of the backbone; each rank its shard)."""
         from .metrics import coco_evaluate
 
         was_training = model.training
         try:
-            results, seen = detect_dataset(inference_copy(model), self.val_loader, self.device,
-                                           self.val_set.label_to_category, self.with_masks, self.amp_dtype)
+            results, seen = detect_dataset(inference_copy(model), loader, device, self.val_set.label_to_category,
+                                           self.with_masks, amp_dtype)
         finally:
             model.train(was_training)
         results, seen = _gather((results, seen), self.info)
         metrics = coco_evaluate(self.val_gt, results, self.iou_types, image_ids=sorted(set(seen)))
         return {**flat_metrics(metrics), "count": len(set(seen))}
 
-    def _weights_metadata(self) -> dict[str, Any]:
-        return {**super()._weights_metadata(), "category_ids": list(self.train_set.category_ids)}
+    def weights_metadata(self) -> dict[str, Any]:
+        return {**super().weights_metadata(), "category_ids": list(self.train_set.category_ids)}
 
-    def _describe_metrics(self, row: dict[str, Any]) -> list[str]:
+    def describe_metrics(self, row: dict[str, Any]) -> list[str]:
         parts = []
         for prefix, name in (("", ""), ("ema_", "EMA ")):
             if f"{prefix}bbox_mAP" in row:
@@ -278,8 +292,8 @@ def train_detector(cfg: DetectionConfig) -> dict[str, Any]:
         DatasetError: missing/empty data, boxes-only data for mask_rcnn; ValueError: bad settings;
         CheckpointError: unusable weights; TrainingDiverged: a NaN loss (the last good checkpoint is kept).
     """
-    check_config(cfg)
-    return run_training(DetectionTrainer, cfg)
+    cfg.check()
+    return run_training(DetectionTask, cfg)
 
 
 def load_detector(source: str | Path, *, device: str | torch.device | None = None,
@@ -301,7 +315,6 @@ def evaluate_detector(source: str | Path, data: str | Path, split: str = "val", 
     Raises:
         CheckpointError, DatasetError: unusable weights or data.
     """
-    from ..data import LoaderOptions, build_eval_loader
     from .data import NoMasksError, collate_detection, eval_transforms
     from .metrics import coco_evaluate
 
@@ -326,27 +339,6 @@ def evaluate_detector(source: str | Path, data: str | Path, split: str = "val", 
     if json_path:
         write_json(json_path, out)
     return out
-
-
-class OutputNames:
-    """Output file stems, one per input image, as paths relative to the output folder: the input's relative path
-    without its suffix (``sub/tile`` for ``sub/tile.jpg`` found by a recursive listing, ``tile`` for a file given),
-    or ``tile_2``, ``tile_3``... in the same folder when two inputs would share one (``a.jpg`` and ``a.png``, or
-    files of the same name given from two places), so no output overwrites another."""
-
-    def __init__(self) -> None:
-        self.used: set[str] = set()
-
-    def unique(self, relative: Path) -> Path:
-        """The stem path for an input whose outputs belong at ``relative`` (its path relative to the folder it was
-        listed from, or its name)."""
-        relative = Path(relative)
-        folder, n = relative.parent, 1
-        while (folder / (relative.stem if n == 1 else f"{relative.stem}_{n}")).as_posix() in self.used:
-            n += 1
-        stem = folder / (relative.stem if n == 1 else f"{relative.stem}_{n}")
-        self.used.add(stem.as_posix())
-        return stem
 
 
 def set_score_threshold(detector: nn.Module, threshold: float) -> None:
@@ -381,7 +373,7 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
     """
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from ..predict import expand_image_entries, report_skipped
+    from ...predict import expand_image_entries, report_skipped
     from .metrics import to_coco_results
     from .visualize import draw_detections, save_png
 
