@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full lint bench bench-gpu clean
+.PHONY: demo test test-full lint docs docs-serve bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fastervit demo
 
-test: $(STAMP)
+test: $(STAMP) docs
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --durations=15
 
@@ -26,6 +26,14 @@ test-full: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The documentation site (mkdocs-material; API reference from the docstrings; CLI reference from the parsers)
+# into site/. --strict turns every warning (broken link, missing docstring target) into a failure.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: $(STAMP)
 	$(BIN)/fastervit bench --quick
@@ -39,4 +47,4 @@ bench-gpu: $(STAMP)
 	$(BIN)/python experiments/bench_gpu.py --out runs/bench_gpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache
