@@ -457,7 +457,7 @@ def test_the_ade20k_recipe_on_nuclei_trains_the_datas_two_classes(ade_recipe_on_
 def test_dense_run_json_is_strict(ade_recipe_on_nuclei, tmp_path):
     """Reported: the run's JSON summary held a bare NaN (best_ema_mIoU, a run without EMA). Expected: every JSON a
     dense run writes or prints parses strictly, the missing EMA score as null."""
-    from open_fastervit.tasks.dense import write_json
+    from open_fastervit.train.reporting import write_json
 
     out, stdout = ade_recipe_on_nuclei
     printed = _strict_json(stdout)
