@@ -18,7 +18,12 @@ from types import ModuleType
 __all__ = ["MOVED", "MovedModuleFinder", "install"]
 
 #: Old module path -> new module path. A package entry also covers its submodules (``old.x`` -> ``new.x``).
-MOVED: dict[str, str] = {}
+MOVED: dict[str, str] = {
+    "open_fastervit.bench_dense": "open_fastervit.bench.dense",
+    "open_fastervit.bench_plots": "open_fastervit.bench.report",
+    "open_fastervit.demo": "open_fastervit.demos.classification",
+    "open_fastervit.dense_demo": "open_fastervit.demos.dense",
+}
 
 
 def _target(fullname: str) -> str | None:
