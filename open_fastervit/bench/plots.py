@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+from matplotlib import ticker
+
 __all__ = ["dense_series", "find_dense_row", "find_row", "plot_accuracy_vs_throughput", "plot_dense_time_vs_size",
            "plot_time_vs_size", "pyplot"]
 
@@ -43,10 +46,8 @@ def find_dense_row(result: dict[str, Any], model: str, form: str, kind: str, siz
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` with the non-interactive Agg backend (figures are only written to files)."""
-    # matplotlib is heavy to import and the backend must be chosen before pyplot loads: imported on first figure
-    import matplotlib
-
     matplotlib.use("Agg")
+    # pyplot settles on a backend when it is first imported: imported here, after Agg is chosen
     import matplotlib.pyplot as plt
 
     return plt
@@ -107,8 +108,6 @@ def plot_time_vs_size(result: dict[str, Any], path: Path) -> str | None:
         return "skipped: fewer than two scaling sizes"
     batch, precision = cfg["scaling_batch"], cfg["precisions"][0]
     plt = pyplot()
-    from matplotlib import ticker  # loaded with pyplot above
-
     fig, ax = plt.subplots(figsize=(7, 5))
     drawn = 0
     for model in cfg["models"]:
@@ -162,8 +161,6 @@ def plot_dense_time_vs_size(result: dict[str, Any], path: Path) -> str | None:
         plt.close(fig)
         return "skipped: no model ran at the inference sizes"
     ax.set_xticks(range(len(sizes)), [f"{s}\n{math.prod(int(v) for v in s.split('x')) / 1e6:.2f} MP" for s in sizes])
-    from matplotlib import ticker  # loaded with pyplot above
-
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
