@@ -15,7 +15,7 @@ its inference form: ours ``fuse()``, the official one ``reparameterize_model``; 
    oracle only: this script imports it through ``fastervit bench``'s ``--import`` mechanism; the library never does).
    The paper's A100 numbers (5802 / 4188 / 3161 / 1780 / 849 img/s) are reference columns.
 2. ``dense_eager``: backbones (four stage maps) at 800x1216, batch 2: FasterViT-2 (plain and fused) against Swin-T and
-   ConvNeXt-T (``open_fastervit.bench_dense``).
+   ConvNeXt-T (``open_fastervit.bench.dense``).
 3. ``cls_compile``: item 1 with ``torch.compile`` for FasterViT-0, Swin-T and ConvNeXt-T.
 4. ``dense_compile``: item 2 compiled (FasterViT-2 fused).
 5. ``cls_compile_fastervit_1`` .. ``_4``: each of the other FasterViTs compiled alone (one item each, so that the
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from open_fastervit.bench import BenchConfig, BenchError, environment, resolve_device, run_benchmark
-from open_fastervit.bench_dense import DenseConfig, run_dense
+from open_fastervit.bench.dense import DenseConfig, run_dense
 
 SCHEMA = "open_fastervit.bench_gpu/1"
 OURS = [f"fastervit_{i}" for i in range(5)]

@@ -27,6 +27,10 @@ MOVED: dict[str, str] = {
     "open_fastervit.dense": "open_fastervit.tasks.dense",
     "open_fastervit.detection": "open_fastervit.tasks.detection",
     "open_fastervit.segmentation": "open_fastervit.tasks.segmentation",
+    "open_fastervit.bench_dense": "open_fastervit.bench.dense",
+    "open_fastervit.bench_plots": "open_fastervit.bench.report",
+    "open_fastervit.demo": "open_fastervit.demos.classification",
+    "open_fastervit.dense_demo": "open_fastervit.demos.dense",
 }
 
 #: Names that left a module that still exists: module -> {name: the module that holds it now}. The old module's

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from open_fastervit import bench
-from open_fastervit.bench import BenchConfig, BenchError, measure_interleaved, summarize
-from open_fastervit.bench_plots import CSV_COLUMNS
+from open_fastervit.bench import BenchConfig, BenchError, classification, measure_interleaved, summarize
+from open_fastervit.bench.report import CSV_COLUMNS
 from open_fastervit.cli import bench as bench_cli
 from open_fastervit.convert import official_to_ours
 
@@ -292,7 +292,7 @@ def test_an_inference_form_that_computes_another_function_is_flagged(tmp_path: P
     """--fuse times each model's inference form; the report compares it with the model as built, so a form that
     computes something else (e.g. the authors' deploy switch thrown before any forward: zero position biases,
     logits off by ~0.05) is marked as not timing the same function."""
-    real_fuse = bench.fuse_model
+    real_fuse = classification.fuse_model
 
     class Shifted(nn.Module):
         def __init__(self, inner: nn.Module) -> None:
@@ -306,7 +306,7 @@ def test_an_inference_form_that_computes_another_function_is_flagged(tmp_path: P
         fused = real_fuse(model)
         return Shifted(fused) if getattr(model, "default_cfg", {}).get("architecture") == "test_convnext" else fused
 
-    monkeypatch.setattr(bench, "fuse_model", fuse)
+    monkeypatch.setattr(classification, "fuse_model", fuse)
     out = tmp_path / "b"
     argv = ["--models", "fastervit_0,test_convnext", "--model-kwargs", f"fastervit_0={json.dumps(TINY)}",
             "--num-classes", "10", "--batch-sizes", "1", "--img-sizes", "64", "--train-batch", "0",

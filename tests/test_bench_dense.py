@@ -1,4 +1,4 @@
-"""Tests of ``fastervit bench --dense`` / ``--profile`` (open_fastervit.bench_dense) and experiments/bench_gpu.py."""
+"""Tests of ``fastervit bench --dense`` / ``--profile`` (open_fastervit.bench.dense) and experiments/bench_gpu.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from open_fastervit import bench, bench_dense
+from open_fastervit import bench
 from open_fastervit.bench import BenchError
-from open_fastervit.bench_dense import DenseConfig, map_rel_errors, op_category, parse_sizes
+from open_fastervit.bench import dense as bench_dense
+from open_fastervit.bench.dense import DenseConfig, map_rel_errors, op_category, parse_sizes
 from open_fastervit.cli import bench as bench_cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from open_fastervit.cli.demo import main
-from open_fastervit.demo import DEMO_MODEL_KWARGS, DemoConfig, Plan, budget, plan_training, run_demo
+from open_fastervit.demos.classification import DEMO_MODEL_KWARGS, DemoConfig, Plan, budget, plan_training, run_demo
 from open_fastervit.validate import load_model
 
 

@@ -8,21 +8,28 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from open_fastervit.bench import (
+from open_fastervit.bench.backbones import (
+    DEFAULT_DENSE_MODELS,
+    DEFAULT_DENSE_SIZES,
+    DEFAULT_TRAIN_SIZES,
+    DenseConfig,
+    parse_sizes,
+)
+from open_fastervit.bench.classification import (
     DEFAULT_MODELS,
     DEFAULT_SCALING_SIZES,
     BenchConfig,
-    BenchError,
     parse_model_kwargs,
     parse_top1,
     run_benchmark,
 )
+from open_fastervit.bench.dense import run_dense
+from open_fastervit.bench.profile import profile_forward
+from open_fastervit.bench.report import dense_markdown, markdown_report, write_dense_reports, write_reports
+from open_fastervit.bench.timing import BenchError
 from open_fastervit.cli._common import amp_word
-
-if TYPE_CHECKING:
-    from open_fastervit.bench_dense import DenseConfig
 
 #: ``--amp`` words -> the precision names of the benchmark's rows.
 _BENCH_WORD = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -127,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
-    from open_fastervit.bench_dense import parse_sizes
-
     try:
         return parse_sizes(text)
     except BenchError as exc:
@@ -137,8 +142,6 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 def add_dense_options(p: argparse.ArgumentParser) -> None:
     """Options of ``fastervit bench --dense`` (backbones at detection/segmentation sizes) and ``--profile``."""
-    from open_fastervit.bench_dense import DEFAULT_DENSE_MODELS, DEFAULT_DENSE_SIZES, DEFAULT_TRAIN_SIZES
-
     def sizes_text(sizes: Sequence[tuple[int, int]]) -> str:
         return ",".join(f"{h}x{w}" for h, w in sizes)
 
@@ -212,9 +215,7 @@ def _given_options(argv: Sequence[str]) -> set[str]:
 
 
 def dense_config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> DenseConfig:
-    """A :class:`open_fastervit.bench_dense.DenseConfig` from parsed options (``--quick`` fills those not given)."""
-    from open_fastervit.bench_dense import DEFAULT_DENSE_MODELS, DenseConfig
-
+    """A :class:`open_fastervit.bench.backbones.DenseConfig` from parsed options (``--quick`` fills those not given)."""
     given = _given_options(argv)
     values: dict[str, Any] = {
         "models": args.models if "--models" in given else list(DEFAULT_DENSE_MODELS),
@@ -241,8 +242,6 @@ def dense_config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Den
 
 def dense_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``fastervit bench --dense`` / ``--profile``: run, write the reports, print the Markdown table."""
-    from open_fastervit.bench_dense import dense_markdown, profile_forward, run_dense, write_dense_reports
-
     given = _given_options(argv) | {a for a in argv if a == "-o" or a.startswith("-o=")}
     out = args.out if given & {"--out", "--output", "-o", "-o="} else Path("runs/bench_dense")
     try:
@@ -284,8 +283,6 @@ def warn_if_busy() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastervit bench``: run, write the reports, print the Markdown table."""
-    from open_fastervit.bench_plots import markdown_report, write_reports
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     warn_if_busy()

@@ -1,12 +1,13 @@
-"""``fastervit demo``: train, evaluate, predict and benchmark on the demo data (``open_fastervit.demo.run_demo``)."""
+"""``fastervit demo``: train, evaluate, predict and benchmark on the demo data (``open_fastervit.demos``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from open_fastervit.demo import DemoConfig, run_demo
-from open_fastervit.dense_demo import DenseDemoConfig, run_dense_demo
+from open_fastervit.data import DatasetError
+from open_fastervit.demos.classification import DemoConfig, run_demo
+from open_fastervit.demos.dense import DenseDemoConfig, run_dense_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dense(args: argparse.Namespace) -> int:
     """``fastervit demo detection|segmentation``."""
-    from open_fastervit.data import DatasetError
-
     cfg = DenseDemoConfig(task=args.task, data=args.data, output=args.output, quick=args.quick, epochs=args.epochs,
                           minutes=args.minutes or DenseDemoConfig.minutes, workers=0,
                           seed=args.seed, backbone_checkpoint=args.backbone_checkpoint)

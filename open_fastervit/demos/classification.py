@@ -29,11 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from open_fastervit import save_weights
+from open_fastervit.bench import BenchConfig, run_benchmark, write_reports
 from open_fastervit.labels import class_names_of, open_eval_dataset
 from open_fastervit.paths import data_path
 from open_fastervit.predict import Prediction, load_image, predict
+from open_fastervit.train import TrainConfig, train
 from open_fastervit.validate import load_model, validate
 
 __all__ = ["DEMO_MODEL", "DEMO_MODEL_KWARGS", "DemoConfig", "Plan", "plan_training", "run_demo"]
@@ -84,8 +90,6 @@ def budget(cfg: DemoConfig) -> DemoConfig:
 def train_seconds_per_image(cfg: DemoConfig, num_classes: int, steps: int = 4) -> float:
     """Time of one training image (forward, backward, AdamW step) on this machine, from a few steps on
     random data with the demo's model, batch and input size."""
-    import timm
-
     torch.manual_seed(cfg.seed)
     model = timm.create_model(DEMO_MODEL, num_classes=num_classes, **cfg.model_kwargs).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -155,8 +159,6 @@ def _log(cfg: DemoConfig, message: str) -> None:
 
 def train_model(cfg: DemoConfig, data: Path, out: Path) -> dict[str, Any]:
     """Train from scratch with ``open_fastervit.train.train``; returns its result dict."""
-    from open_fastervit.train import TrainConfig, train
-
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else min(2, cfg.epochs // 6)
     train_cfg = TrainConfig(
         model=DEMO_MODEL, model_kwargs=dict(cfg.model_kwargs), drop_path=cfg.drop_path, data=str(data),
@@ -174,8 +176,6 @@ def train_model(cfg: DemoConfig, data: Path, out: Path) -> dict[str, Any]:
 
 def save_demo_weights(cfg: DemoConfig, checkpoint: str, class_names: list[str], path: Path) -> Path:
     """Re-save the trained weights with the metadata ``validate``/``predict`` read (no flags needed)."""
-    from open_fastervit import save_weights
-
     model, _ = load_model(DEMO_MODEL, checkpoint, model_kwargs=cfg.model_kwargs)
     metadata = {
         "class_names": class_names,
@@ -204,9 +204,6 @@ def held_out_images(data: Path, seed: int) -> list[tuple[Path, str]]:
 
 def plot_predictions(preds: list[Prediction], truths: list[str], path: Path, columns: int = 5) -> Path:
     """A grid of photos, each titled with its true class and the top-3 guesses (green: correct)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows = (len(preds) + columns - 1) // columns
     height = 3.4 * rows + 0.5  # inches: 0.5 for the suptitle, per row a title, a photo and three guesses
     figure = Figure(figsize=(2.6 * columns, height))
@@ -237,9 +234,6 @@ def plot_predictions(preds: list[Prediction], truths: list[str], path: Path, col
 def run_bench(cfg: DemoConfig, out: Path, num_classes: int, threads: int) -> dict[str, Any]:
     """Inference speed of the demo model vs timm peers at the demo input size (``open_fastervit.bench``),
     with the torch threads training used, every model in its inference form (``--fuse --channels-last``)."""
-    from open_fastervit.bench import BenchConfig, run_benchmark
-    from open_fastervit.bench_plots import write_reports
-
     bench_cfg = BenchConfig(
         models=[DEMO_MODEL, *cfg.peers], model_kwargs={DEMO_MODEL: dict(cfg.model_kwargs)},
         batch_sizes=[1, 32] if not cfg.quick else [8], img_sizes=[cfg.img_size], train_batch=0,
@@ -264,8 +258,6 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def _param_count(name: str, kwargs: dict[str, Any], num_classes: int) -> int:
-    import timm
-
     with torch.device("meta"):  # shapes only, no memory
         return _params(timm.create_model(name, num_classes=num_classes, **kwargs))
 

@@ -26,9 +26,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.utils import make_grid
 
-from .paths import data_path
-from .train import json_safe
+from open_fastervit.data import read_image
+from open_fastervit.dense import inference_copy
+from open_fastervit.detection import CocoDetection, draw_detections
+from open_fastervit.detection import save_png as save_detection_png
+from open_fastervit.detection.train import (
+    DetectionConfig,
+    evaluate_detector,
+    load_detector,
+    predict_detector,
+    train_detector,
+)
+from open_fastervit.paths import data_path
+from open_fastervit.segmentation import read_mask, side_by_side
+from open_fastervit.segmentation import save_png as save_segmentation_png
+from open_fastervit.segmentation.train import (
+    SegmentationConfig,
+    evaluate_segmenter,
+    load_segmenter,
+    predict_segmenter,
+    train_segmenter,
+)
+from open_fastervit.train import json_safe
 
 __all__ = ["DenseDemoConfig", "run_dense_demo"]
 
@@ -68,14 +90,10 @@ def _task_config(cfg: DenseDemoConfig, data: Path, out: Path, epochs: int) -> An
                   backbone_checkpoint=cfg.backbone_checkpoint, opt="adamw", clip_grad=1.0, hflip=0.5, vflip=0.5,
                   eval_every=max(1, epochs // 4), tensorboard=True, overwrite=True)
     if cfg.task == "detection":
-        from .detection.train import DetectionConfig
-
         return DetectionConfig(kind="faster_rcnn", min_size=[352, 384, 416, 448], max_size=448,
                                anchor_sizes=[16, 32, 64, 128, 256], fpn_channels=128, box_head_channels=256,
                                rois_per_image=256, batch_size=2, lr=2e-3, weight_decay=0.05, crop="random",
                                detections_per_img=200, **common)
-    from .segmentation.train import SegmentationConfig
-
     return SegmentationConfig(kind="fpn", crop_size=256, decoder_channels=128, batch_size=4, repeats=8, lr=1e-3,
                               weight_decay=0.01, **common)
 
@@ -100,12 +118,8 @@ def _probe_seconds_per_step(task_cfg: Any, images: int, steps: int = 6) -> float
 
 
 def _train(task_cfg: Any) -> dict[str, Any]:
-    if type(task_cfg).__name__ == "DetectionConfig":
-        from .detection.train import train_detector
-
+    if isinstance(task_cfg, DetectionConfig):
         return train_detector(task_cfg)
-    from .segmentation.train import train_segmenter
-
     return train_segmenter(task_cfg)
 
 
@@ -131,18 +145,8 @@ def plan_epochs(cfg: DenseDemoConfig, task_cfg: Any, data: Path) -> tuple[int, f
 def _prediction_figure(cfg: DenseDemoConfig, data: Path, out: Path, weights: Path) -> Path:
     """A PNG of held-out predictions next to the ground truth (detection: the detections scoring at least 0.5, or
     the 30 best of them when fewer score that high, down to 0.05; the labels show the scores)."""
-    from torchvision.transforms.v2.functional import pil_to_tensor
-    from torchvision.utils import make_grid
-
-    from .data import read_image
-
     pictures = []
     if cfg.task == "detection":
-        from .dense import inference_copy
-        from .detection.data import CocoDetection
-        from .detection.train import load_detector
-        from .detection.visualize import draw_detections, save_png
-
         dataset = CocoDetection(data / "val", data / "annotations" / "instances_val.json")
         model = inference_copy(load_detector(weights))
         for index in range(min(4, len(dataset))):
@@ -156,13 +160,8 @@ def _prediction_figure(cfg: DenseDemoConfig, data: Path, out: Path, weights: Pat
             pictures += [draw_detections(image, truth, ["tree"], 0.5),
                          draw_detections(image, output, ["tree"], max(0.05, min(0.5, shown)))]
         path = out / "predictions.png"
-        save_png(make_grid(pictures, nrow=2, padding=4), path)
+        save_detection_png(make_grid(pictures, nrow=2, padding=4), path)
         return path
-    from .dense import inference_copy
-    from .segmentation.data import read_mask
-    from .segmentation.train import load_segmenter
-    from .segmentation.visualize import save_png, side_by_side
-
     model = inference_copy(load_segmenter(weights))
     for image_path in sorted((data / "val" / "images").iterdir()):
         image = pil_to_tensor(read_image(image_path)).float() / 255
@@ -171,7 +170,7 @@ def _prediction_figure(cfg: DenseDemoConfig, data: Path, out: Path, weights: Pat
             prediction = model(image[None])[0].argmax(0)
         pictures.append(side_by_side(image, mask, prediction, 2))
     path = out / "predictions.png"
-    save_png(make_grid(pictures, nrow=1, padding=4), path)
+    save_segmentation_png(make_grid(pictures, nrow=1, padding=4), path)
     return path
 
 
@@ -231,14 +230,10 @@ def run_dense_demo(cfg: DenseDemoConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - train_start
     weights = Path(result["best_checkpoint"])
     if cfg.task == "detection":
-        from .detection.train import evaluate_detector, load_detector, predict_detector
-
         evaluation = evaluate_detector(weights, data, "val", json_path=out / "evaluate.json")
         prediction = predict_detector(weights, [data / "val"], out / "predict", score_threshold=0.5)
         params = sum(p.numel() for p in load_detector(weights).parameters())
     else:
-        from .segmentation.train import evaluate_segmenter, load_segmenter, predict_segmenter
-
         evaluation = evaluate_segmenter(weights, data, "val", json_path=out / "evaluate.json")
         prediction = predict_segmenter(weights, [data / "val" / "images"], out / "predict")
         params = sum(p.numel() for p in load_segmenter(weights).parameters())

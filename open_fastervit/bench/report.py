@@ -1,8 +1,8 @@
-"""Reports of a ``fastervit bench`` run: JSON, CSV, a Markdown summary and two PNG figures.
+"""Reports of the benchmarks: JSON, CSV and a Markdown summary, with the figures of :mod:`open_fastervit.bench.plots`.
 
-The figures are the paper's Figure 1 (published ImageNet top-1 against measured throughput) and the
-cost of one image against the input side (how each model scales from 224 px up to 1024 px).
-Everything here reads the dict returned by :func:`open_fastervit.bench.run_benchmark`.
+:func:`write_reports` writes a ``fastervit bench`` result (the dict returned by
+:func:`open_fastervit.bench.classification.run_benchmark`); :func:`write_dense_reports` a ``fastervit bench --dense``
+result (:func:`open_fastervit.bench.dense.run_dense`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSV_COLUMNS", "markdown_report", "plot_accuracy_vs_throughput", "plot_time_vs_size",
-           "write_reports"]
+from open_fastervit.bench.plots import (
+    dense_series,
+    find_dense_row,
+    find_row,
+    plot_accuracy_vs_throughput,
+    plot_dense_time_vs_size,
+    plot_time_vs_size,
+)
+
+__all__ = ["CSV_COLUMNS", "dense_markdown", "markdown_report", "plot_accuracy_vs_throughput", "plot_time_vs_size",
+           "write_csv", "write_dense_reports", "write_reports"]
 
 CSV_COLUMNS = [
     "model", "source", "kind", "batch", "img_size", "precision", "status", "img_per_s", "latency_ms",
@@ -162,7 +171,7 @@ def _scaling_table(result: dict[str, Any]) -> list[str]:
     for model in cfg["models"]:
         cells = []
         for size in sizes:
-            row = _find(result, model, "infer", batch, size, precision)
+            row = find_row(result, model, "infer", batch, size, precision)
             if row is None:
                 cells.append("-")
             elif row["status"] != "ok":
@@ -171,15 +180,6 @@ def _scaling_table(result: dict[str, Any]) -> list[str]:
                 cells.append(_num(row["latency_ms"] / batch, 1))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _find(result: dict[str, Any], model: str, kind: str, batch: int, size: int, precision: str
-          ) -> dict[str, Any] | None:
-    for row in result["rows"]:
-        if (row["model"], row["kind"], row["batch"], row["img_size"], row["precision"]) == (
-                model, kind, batch, size, precision):
-            return row
-    return None
 
 
 FORM_TOLERANCE = 1e-3  # largest |difference| of logits between an inference form and its model still "the same"
@@ -228,100 +228,110 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Figures
+# Dense benchmark
 # --------------------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _ratio_text(ratio: dict[str, Any] | None) -> str:
+    if not ratio or ratio.get("median") is None:
+        return "-"
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
 
 
-def plot_accuracy_vs_throughput(result: dict[str, Any], path: Path) -> str | None:
-    """Published top-1 against measured throughput (the paper's Figure 1); None when written.
+def _sorted_dense_rows(result: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    order = {name: i for i, name in enumerate(result["config"]["models"])}
+    prec = {"fp32": 0, "bf16": 1, "fp16": 2}
+    sizes = {s: i for i, s in enumerate(result["config"]["sizes"] + result["config"]["train_sizes"])}
+    rows = [r for r in result["rows"] if r["kind"] == kind]
+    return sorted(rows, key=lambda r: (sizes.get(r["size"], 99), prec.get(r["precision"], 9),
+                                       order.get(r["model"], 99), r["form"] != "plain"))
 
-    Uses the inference rows at the largest batch and the first input size, one marker per precision.
-    On CUDA the published A100 numbers are drawn as hollow markers for comparison.
-    """
+
+def dense_markdown(result: dict[str, Any]) -> str:
+    """A self-contained Markdown summary: environment, method, check, tables, size table, failures."""
+    env, cfg = result["env"], result["config"]
+    hardware = env.get("gpu") or env["cpu"]
+    base = cfg["baseline"]
+    lines = [
+        "# Dense-prediction benchmark (backbones, maps at strides 4-32)",
+        "",
+        f"- device: {env['device']} ({hardware}), {env['threads']} threads; torch {env['torch']}, timm {env['timm']}; "
+        f"{env['date_utc']}; wall {_num(env.get('wall_s'), 0)} s",
+        f"- method: one fp32 check/probe pass, {cfg['warmup']} warm-up + {cfg['rounds']} timed rounds, members "
+        "interleaved; medians; spread = interquartile range / median; ratios = median (min-max) of per-round "
+        f"throughput ratios; `vs {base}` against the baseline as built; `fused / plain` = FasterViT inference form "
+        "(`fuse()`) against the plain eval path (no fusion, eval mode, `torch.inference_mode()`)",
+        "- work: inference = forward returning the four maps; training = forward in train mode + backward of the sum "
+        "of the maps' means (no optimizer step); peers: timm `features_only=True` (Swin built for each size)",
+        f"- options: channels_last {cfg['channels_last']}, compile {cfg['compile_mode'] or 'off'}, "
+        f"precisions {', '.join(cfg['precisions'])}",
+        f"- machine load (1-min load average, {env['cpu_count']} cores): {_num(env.get('load_average_1m'), 2)} at "
+        f"start, {_num(env.get('load_average_1m_end'), 2)} at end",
+        f"- command: `{cfg['command'] or '(Python API)'}`",
+    ]
+    if result["checks"]:
+        worst = ", ".join(f"{c['model']} {c['size']} {c['max_rel_err']:.1e}{'' if c['ok'] else ' FAILED'}"
+                          for c in result["checks"])
+        lines.append(f"- inference form check (fp32, max |fused - plain| / max |plain| over the maps, tolerance "
+                     f"{cfg['check_tol']:g}): {'all ok' if result['checks_ok'] else 'FAILED'} ({worst})")
+    for kind, title in (("infer", f"Inference, batch {cfg['batch']}"),
+                        ("train", f"Training step (forward + backward), batch {cfg['train_batch']}")):
+        rows = _sorted_dense_rows(result, kind)
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "",
+                  f"| model | form | size | precision | ms | img/s | spread | vs {base} | fused / plain | GMAC/img "
+                  "| peak MiB |",
+                  "|---|---|---|---|---:|---:|---:|---|---|---:|---:|"]
+        for r in rows:
+            head = f"| {r['model']} | {r['form']} | {r['size']} | {r['precision']} "
+            if r["status"] != "ok":
+                lines.append(head + f"| {r['status']} |" + " |" * 6)
+                continue
+            lines.append(head + f"| {_num(r['latency_ms'])} | {_num(r['img_per_s'], 2)} | {_num(r['spread_pct'])}% "
+                         f"| {_ratio_text(r.get('vs_baseline'))} | {_ratio_text(r.get('fused_vs_plain'))} "
+                         f"| {_sig(r.get('gmacs_per_img'))} | {_sig(r.get('peak_mem_mb'))} |")
+    lines += _size_table(result)
+    bad = sorted({(r["model"], r["form"], r["size"], r["status"]) for r in result["rows"] if r["status"] != "ok"})
+    if bad:
+        lines += ["", "Not measured:", ""] + [f"- {m} ({f}) at {s}: {st}" for m, f, s, st in bad]
+    return "\n".join(lines) + "\n"
+
+
+def _size_table(result: dict[str, Any]) -> list[str]:
     cfg = result["config"]
-    if not cfg["batch_sizes"]:
-        return "skipped: no inference batch sizes"
-    batch, size = max(cfg["batch_sizes"]), cfg["img_sizes"][0]
-    info = result["candidates"]
-    points = [(r["model"], r["precision"], r["img_per_s"], info[r["model"]]["published_top1"])
-              for r in result["rows"]
-              if r["kind"] == "infer" and r["batch"] == batch and r["img_size"] == size
-              and r["status"] == "ok" and "published_top1" in info[r["model"]]]
-    if not points:
-        return "skipped: no measured candidate has a published top-1 (give --top1 NAME=ACC)"
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for marker, precision in zip("osD^", cfg["precisions"]):
-        chosen = [p for p in points if p[1] == precision]
-        dots = ax.scatter([p[2] for p in chosen], [p[3] for p in chosen], marker=marker, label=precision,
-                          zorder=3)
-        family = sorted((p[3], p[2]) for p in chosen if info[p[0]]["source"] == "open_fastervit")
-        if len(family) > 1:  # the FasterViT curve, as in the paper's figure
-            ax.plot([f[1] for f in family], [f[0] for f in family], color=dots.get_facecolor()[0], alpha=0.6)
-        for i, (model, _, x, y) in enumerate(sorted(chosen, key=lambda p: p[2])):
-            # alternate above/below so that neighbours (ours and the official model) stay readable
-            ax.annotate(model, (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 == 0 else -12),
-                        fontsize=8)
-    if result["env"]["device"].startswith("cuda"):
-        ref = [(i["published_a100_img_s"], i["published_top1"]) for i in info.values()
-               if "published_a100_img_s" in i and "published_top1" in i]
-        if ref:
-            ax.scatter(*zip(*ref), facecolors="none", edgecolors="grey", label="paper (A100, batch 128)")
-    ax.set_xlabel(f"measured throughput (img/s), batch {batch}, {size} px, {result['env']['device']}")
-    ax.set_ylabel("published ImageNet-1K top-1 (%)")
-    ax.margins(x=0.12, y=0.12)  # room for the labels
-    ax.set_title("Accuracy against throughput")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
-
-
-def plot_time_vs_size(result: dict[str, Any], path: Path) -> str | None:
-    """Milliseconds per image against the input side, log-log, one line per model; None when written."""
-    cfg = result["config"]
-    sizes = sorted(set(cfg["scaling_sizes"]))
+    sizes = cfg["sizes"]
     if len(sizes) < 2:
-        return "skipped: fewer than two scaling sizes"
-    batch, precision = cfg["scaling_batch"], cfg["precisions"][0]
-    plt = _pyplot()
-    from matplotlib import ticker
+        return []
+    precision = cfg["precisions"][0]
+    lines = ["", f"## Milliseconds per image against input size (inference, batch {cfg['batch']}, {precision})", "",
+             "| model | form | " + " | ".join(sizes) + " |", "|---|---|" + "---:|" * len(sizes)]
+    for model, form in dense_series(result):
+        cells = []
+        for size in sizes:
+            row = find_dense_row(result, model, form, "infer", size, precision)
+            cells.append("-" if row is None else row["status"].split(" (")[0] if row["status"] != "ok"
+                         else _num(row["latency_ms"] / row["batch"]))
+        lines.append(f"| {model} | {form} | " + " | ".join(cells) + " |")
+    return lines
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    drawn = 0
-    for model in cfg["models"]:
-        rows = [_find(result, model, "infer", batch, s, precision) for s in sizes]
-        pts = [(r["img_size"], r["latency_ms"] / batch) for r in rows if r and r["status"] == "ok"]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=model)
-            drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return "skipped: no model ran at the scaling sizes"
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.xaxis.set_minor_locator(ticker.NullLocator())
-    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xlabel("input side (px)")
-    ax.set_ylabel("ms per image")
-    ax.set_title(f"Cost against input size (batch {batch}, {precision}, {result['env']['device']})")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
+
+def write_dense_reports(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``dense.json``, ``dense.md`` and ``dense_time_vs_size.png`` into ``out_dir``; returns the paths.
+
+    A figure without data is skipped with its reason under ``result["plots"]``. Raises ``OSError`` when the folder
+    cannot be written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    png = out / "dense_time_vs_size.png"
+    skipped = plot_dense_time_vs_size(result, png)
+    result["plots"] = {png.name: skipped or "written"}
+    if skipped is None:
+        paths["png"] = png
+    paths["json"] = out / "dense.json"
+    paths["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
+    paths["markdown"] = out / "dense.md"
+    paths["markdown"].write_text(dense_markdown(result))
+    return paths

@@ -1,67 +1,100 @@
-"""``fastervit bench``: throughput, latency, training-step speed, memory and compute efficiency.
+"""``fastervit bench``: throughput, latency, training-step speed, memory and compute efficiency of classifiers.
 
-The benchmark compares a list of candidates - our models by name (``fastervit_0``), timm peers by name
-(``convnext_tiny``), and, when the user imports it with ``--import fastervit``, the official implementation
-(``faster_vit_0_224``) - on the same inputs, on CPU or CUDA.
-
-How a measurement is taken (:func:`measure_interleaved`): all candidates of one workload (kind, batch,
-input size) run in turn after a warm-up, A B C A B C ..., and each turn is timed with
-``time.perf_counter`` around ``iters`` calls (device synchronised on both sides). The medians and the
-quartiles of those per-call times are reported, and every ratio against the baseline is the median of
-the per-round ratios, so slow phases of a noisy machine hit all candidates alike.
+The benchmark compares a list of candidates (:mod:`open_fastervit.bench.candidates`) - our models by name
+(``fastervit_0``), timm peers by name (``convnext_tiny``), and, when the user imports it with ``--import
+fastervit``, the official implementation (``faster_vit_0_224``) - on the same inputs, on CPU or CUDA, timed as
+:mod:`open_fastervit.bench.timing` describes: candidates interleaved, medians of per-call times, ratios as medians
+of per-round ratios.
 
 When an official name and our model of the same architecture are both in the run, ours is given the
 official model's weights (``open_fastervit.convert.official_to_ours``), so both compute the same
-function; the largest output difference is recorded. The library never imports the official package
-itself: ``--import`` is a generic timm plug-in mechanism.
+function; the largest output difference is recorded.
 
 Python API: :class:`BenchConfig`, :func:`run_benchmark` (returns a JSON-ready dict) and
-:func:`open_fastervit.bench_plots.write_reports` (JSON, CSV, Markdown, PNG).
+:func:`open_fastervit.bench.report.write_reports` (JSON, CSV, Markdown, PNG).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import difflib
 import gc
-import importlib
 import itertools
 import json
-import math
-import os
-import platform
 import re
-import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.utils.model import reparameterize_model
 from torch import nn
 
+from open_fastervit import PUBLISHED, create_model, official_to_ours
+from open_fastervit.bench.candidates import (
+    check_model_names,
+    import_plugins,
+    official_to_ours_name,
+    pairs_of,
+    source_of,
+)
+from open_fastervit.bench.environment import environment, load_average
+from open_fastervit.bench.memory import count_gmacs, measure_gemm, peak_memory_mb
+from open_fastervit.bench.timing import (
+    BenchError,
+    Progress,
+    Step,
+    Timer,
+    auto_iters,
+    autocast,
+    device_sync,
+    measure_interleaved,
+    per_round_ratio,
+    resolve_device,
+    timing_fields,
+)
+from open_fastervit.deploy.quantize import load_quantized
+from open_fastervit.runtime import PRECISIONS
+from open_fastervit.train import fused_optimizer_kwargs
+
 __all__ = [
+    "DEFAULT_MODELS",
+    "DEFAULT_SCALING_SIZES",
+    "PEER_TOP1",
+    "SCHEMA",
     "BenchConfig",
-    "BenchError",
-    "Stats",
-    "measure_interleaved",
-    "official_to_ours_name",
+    "Group",
+    "Prepared",
+    "add_ratios",
+    "base_row",
+    "build_at_size",
+    "candidate_info",
+    "create_candidate",
+    "fuse_model",
+    "make_infer_step",
+    "make_inputs",
+    "make_optimizer",
+    "make_train_step",
+    "member_steps",
+    "parse_model_kwargs",
+    "parse_top1",
+    "plan_groups",
+    "prepare",
+    "probe_forward",
     "run_benchmark",
-    "summarize",
+    "run_group",
+    "share_official_weights",
 ]
 
 SCHEMA = "open_fastervit.bench/1"
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-OFFICIAL_PREFIX = "faster_vit_"
 DEFAULT_MODELS = ("fastervit_0", "swin_tiny_patch4_window7_224", "convnext_tiny")
 DEFAULT_SCALING_SIZES = (224, 448, 672, 896, 1024)
 
-# Published ImageNet-1K top-1 (%) of timm peers for the throughput-vs-accuracy figure (FasterViT's own
+#: Published ImageNet-1K top-1 (%) of timm peers for the throughput-vs-accuracy figure (FasterViT's own
 # numbers come from open_fastervit.PUBLISHED). Swin: the ImageNet-1K model zoo of microsoft/Swin-Transformer
 # (released checkpoints; the paper's Table 1 prints 81.3 / 83.0 / 83.5). ConvNeXt: Liu et al. 2022,
 # Table 1 (ImageNet-1K, 224 px). DeiT: Touvron et al. 2021, Table 1.
@@ -71,13 +104,6 @@ PEER_TOP1: dict[str, float] = {
     "convnext_tiny": 82.1, "convnext_small": 83.1, "convnext_base": 83.8,
     "deit_tiny_patch16_224": 72.2, "deit_small_patch16_224": 79.8, "deit_base_patch16_224": 81.8,
 }
-
-Timer = Callable[[], float]
-Step = Callable[[], Any]
-
-
-class BenchError(ValueError):
-    """A benchmark request that cannot be run as asked (bad names, arguments or pairing)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,158 +215,8 @@ def plan_groups(config: BenchConfig) -> list[Group]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Summary of per-call times in seconds."""
-
-    median: float
-    q1: float
-    q3: float
-    min: float
-    max: float
-    n: int
-
-    @property
-    def spread_pct(self) -> float:
-        """Interquartile range as a percentage of the median."""
-        return 100.0 * (self.q3 - self.q1) / self.median if self.median > 0 else 0.0
-
-
-def summarize(samples: Sequence[float]) -> Stats:
-    """Median, quartiles (inclusive method) and range of a non-empty list of times."""
-    if not samples:
-        raise BenchError("no timing samples to summarize")
-    values = sorted(samples)
-    if len(values) == 1:
-        q1 = q3 = values[0]
-    else:
-        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return Stats(statistics.median(values), q1, q3, values[0], values[-1], len(values))
-
-
-def _no_sync() -> None:
-    return None
-
-
-def measure_interleaved(
-    steps: dict[Any, Step],
-    *,
-    warmup: int,
-    rounds: int,
-    iters: int | dict[Any, int] = 1,
-    timer: Timer = time.perf_counter,
-    sync: Callable[[], None] = _no_sync,
-    tick: Callable[[], None] = _no_sync,
-) -> tuple[dict[Any, list[float]], dict[Any, str]]:
-    """Run every step in turn (A B C A B C ...): ``warmup`` untimed rounds, then ``rounds`` timed ones.
-
-    Each timed turn calls a step ``iters`` times between two synchronised timer reads and records the
-    time per call. A step that raises is dropped from the run and its error returned instead.
-    Returns (samples in seconds per call for each surviving step, errors by step).
-    """
-    live = dict(steps)
-    errors: dict[Any, str] = {}
-    samples: dict[Any, list[float]] = {key: [] for key in steps}
-    counts = iters if isinstance(iters, dict) else dict.fromkeys(steps, iters)
-    for timed in [False] * warmup + [True] * rounds:
-        for key in list(live):
-            try:
-                elapsed = _timed_calls(live[key], counts[key] if timed else 1, timer, sync)
-            except Exception as exc:  # a candidate failing must not stop the others
-                errors[key] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-                del live[key]
-                continue
-            finally:
-                tick()
-            if timed:
-                samples[key].append(elapsed / counts[key])
-    return {key: samples[key] for key in live}, errors
-
-
-def _timed_calls(step: Step, calls: int, timer: Timer, sync: Callable[[], None]) -> float:
-    """Seconds for ``calls`` calls of ``step``, the device synchronised before and after."""
-    sync()
-    start = timer()
-    for _ in range(calls):
-        step()
-    sync()
-    return timer() - start
-
-
-def auto_iters(step: Step, min_block_s: float, sync: Callable[[], None], timer: Timer) -> int:
-    """Calls needed for one timed turn of ``step`` to last at least ``min_block_s`` (at least 1)."""
-    if min_block_s <= 0:
-        return 1
-    once = max(_timed_calls(step, 1, timer, sync), 1e-6)
-    return max(1, min(1000, math.ceil(min_block_s / once)))
-
-
-# --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-
-
-def official_to_ours_name(name: str) -> str | None:
-    """``faster_vit_0_224`` -> ``fastervit_0``, ``faster_vit_4_21k_384`` -> ``fastervit_4_21k_384``."""
-    from open_fastervit import OFFICIAL_NAMES
-
-    return OFFICIAL_NAMES.get(name)
-
-
-def source_of(name: str) -> str:
-    """Where a candidate comes from: ``official``, ``open_fastervit``, ``timm`` or ``int8`` (a file of
-    ``fastervit quantize``)."""
-    if name.endswith(".onnx"):
-        return "int8"
-    if name.startswith(OFFICIAL_PREFIX):
-        return "official"
-    return "open_fastervit" if name.startswith("fastervit_") else "timm"
-
-
-def import_plugins(modules: Sequence[str]) -> None:
-    """Import user-named modules (timm plug-ins that register models), with a clear error."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise BenchError(f"--import {module}: cannot import it ({exc})") from exc
-
-
-def check_model_names(names: Sequence[str]) -> None:
-    """Raise :class:`BenchError` naming every unknown model, with close matches."""
-    import timm
-
-    import open_fastervit  # noqa: F401  (registers fastervit_* into timm)
-
-    known = timm.list_models()
-    for name in names:
-        if timm.is_model(name):
-            continue
-        if source_of(name) == "int8":
-            if not Path(name).is_file():
-                raise BenchError(f"int8 model file {name} does not exist (write one with `fastervit quantize`)")
-            continue
-        hint = ""
-        if name.startswith(OFFICIAL_PREFIX):
-            hint = " Official names are registered by the official package: add `--import fastervit`."
-        close = difflib.get_close_matches(name, known, n=3)
-        if close:
-            hint += f" Close matches: {', '.join(close)}."
-        raise BenchError(f"unknown model {name!r}.{hint}")
-
-
-def pairs_of(names: Sequence[str]) -> dict[str, str]:
-    """Our candidate -> official candidate of the same architecture, for those present in the run."""
-    pairs = {}
-    for name in names:
-        ours = official_to_ours_name(name) if source_of(name) == "official" else None
-        if ours in names:
-            pairs[ours] = name
-    return pairs
 
 
 def create_candidate(name: str, size: int, config: BenchConfig, device: torch.device) -> nn.Module:
@@ -351,11 +227,7 @@ def create_candidate(name: str, size: int, config: BenchConfig, device: torch.de
     of ``fastervit quantize``, run by onnxruntime on CPU with torch's thread count (inference only: a run that
     times training steps stops with a message).
     """
-    import timm
-
     if source_of(name) == "int8":
-        from open_fastervit.deploy.quantize import load_quantized
-
         if config.train_batch > 0:
             raise BenchError(f"{name} is an int8 inference model: pass --train-batch 0 to time it")
         if device.type != "cpu":
@@ -366,8 +238,6 @@ def create_candidate(name: str, size: int, config: BenchConfig, device: torch.de
     if source_of(name) == "official":
         return timm.create_model(name, resolution=size, **kwargs).to(device).eval()
     if source_of(name) == "open_fastervit":
-        from open_fastervit import create_model
-
         return create_model(name, **kwargs).to(device).eval()
     model = timm.create_model(name, **kwargs).to(device).eval()
     try:
@@ -389,8 +259,6 @@ def probe_forward(model: nn.Module, size: int) -> torch.Tensor:
 
 def share_official_weights(ours: nn.Module, official: nn.Module) -> None:
     """Load the official model's weights into ours (strict), through the checkpoint converter."""
-    from open_fastervit.convert import official_to_ours
-
     state = official_to_ours(official.state_dict())
     try:
         ours.load_state_dict(state, strict=True)
@@ -400,8 +268,6 @@ def share_official_weights(ours: nn.Module, official: nn.Module) -> None:
 
 def fuse_model(model: nn.Module) -> nn.Module:
     """An inference copy with ``fuse()`` (ours) or timm's ``reparameterize_model`` applied."""
-    from timm.utils.model import reparameterize_model
-
     fused = copy.deepcopy(model)
     if hasattr(fused, "fuse"):
         return fused.fuse() or fused
@@ -476,14 +342,6 @@ def build_at_size(
 # --------------------------------------------------------------------------------------------------
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for bf16/fp16, a no-op for fp32."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def make_infer_step(model: Callable[..., Any], x: torch.Tensor, precision: str) -> Step:
     """One forward pass without gradients under the chosen autocast."""
 
@@ -515,10 +373,6 @@ def make_train_step(
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """AdamW through timm (no weight decay on norms and biases), built as ``fastervit train`` builds it (torch's
     fused kernel where it exists), the same for every candidate."""
-    from timm.optim import create_optimizer_v2
-
-    from open_fastervit.train import fused_optimizer_kwargs
-
     return create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, **fused_optimizer_kwargs(model, "adamw"))
 
 
@@ -534,189 +388,8 @@ def make_inputs(group: Group, num_classes: int, device: torch.device, channels_l
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory, MACs, GEMM reference
-# --------------------------------------------------------------------------------------------------
-
-
-class PeakTensorMemory:
-    """Peak bytes of tensors created and still alive while the context is active (CPU-friendly).
-
-    A ``TorchDispatchMode`` sees every op's outputs; new storages are counted until they are freed
-    (tracked with storage weak references). Weights and tensors alive before entering are excluded.
-    """
-
-    def __init__(self) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                out = func(*args, **(kwargs or {}))
-                tracker._release_dead()
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                        tracker._add(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
-                return out
-
-        self._mode = _Mode()
-        self._live: dict[int, tuple[Any, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _add(self, ref: Any, nbytes: int) -> None:
-        if ref.cdata not in self._live:
-            self._live[ref.cdata] = (ref, nbytes)
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-
-    def _release_dead(self) -> None:
-        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
-            self.current -= self._live.pop(key)[1]
-
-    def __enter__(self) -> PeakTensorMemory:
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._mode.__exit__(*exc)
-
-
-def peak_memory_mb(step: Step, device: torch.device, compiled: bool) -> float | None:
-    """Peak memory of one step above what was allocated before it (MiB).
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: :class:`PeakTensorMemory` (eager only; None when
-    compiled, since the tracker would change what is compiled).
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    if compiled:
-        return None
-    with PeakTensorMemory() as tracker:
-        step()
-    return tracker.peak / 2**20
-
-
-def count_gmacs(model: nn.Module, size: int, kind: str, device: torch.device) -> float:
-    """Multiply-accumulates per image (GMAC) by ``FlopCounterMode`` (MACs = FLOPs / 2).
-
-    Counted on one eval forward at batch 1. A training step counts 3x the forward (the backward pass
-    computes two products per forward product); counting the backward directly is wrong in torch's
-    counter for grouped convolutions (it ignores the groups, e.g. 100x too much for depthwise convs).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    counter = FlopCounterMode(display=False)
-    try:
-        model.eval()
-        with counter, torch.no_grad():
-            model(torch.randn(1, 3, size, size, device=device))
-    finally:
-        model.train(was_training)
-    forward = counter.get_total_flops() / 2 / 1e9
-    return forward if kind == "infer" else 3 * forward
-
-
-def measure_gemm(device: torch.device, precision: str, n: int, rounds: int, timer: Timer,
-                 sync: Callable[[], None]) -> dict[str, float]:
-    """Rate of a large square matrix multiply (GMAC/s): the machine's practical peak for the dtype."""
-    dtype = PRECISIONS[precision] or torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    samples, errors = measure_interleaved({"gemm": lambda: torch.mm(a, b)}, warmup=2, rounds=max(3, rounds),
-                                          timer=timer, sync=sync)
-    if errors:
-        return {"n": n, "error": errors["gemm"]}
-    stats = summarize(samples["gemm"])
-    return {"n": n, "median_s": stats.median, "gmacs_per_s": n**3 / stats.median / 1e9}
-
-
-# --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; a clear error for an unavailable CUDA."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for but torch.cuda.is_available() is False")
-    return device
-
-
-def device_sync(device: torch.device) -> Callable[[], None]:
-    """A barrier that waits for queued device work (CUDA), or a no-op (CPU)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return _no_sync
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, or the platform's description."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """What the numbers depend on: versions, hardware, threads, time."""
-    import timm
-
-    import open_fastervit
-
-    env: dict[str, Any] = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "open_fastervit": getattr(open_fastervit, "__version__", "unknown"),
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark,
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
-    return env
-
-
-class _Progress:
-    """A tqdm bar over all timed and warm-up turns of the run."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, disable=not enabled, unit="turn", desc="bench", file=sys.stderr)
-        self.group_end = 0
-
-    def start_group(self, text: str, turns: int) -> None:
-        """Name the workload; skipped or failed turns are counted when the next one starts."""
-        self.bar.update(max(0, self.group_end - self.bar.n))
-        self.group_end = self.bar.n + turns
-        self.bar.set_description(text, refresh=False)
-
-    def tick(self) -> None:
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.update(max(0, self.group_end - self.bar.n))
-        self.bar.close()
 
 
 def member_steps(group: Group, prepared: dict[str, Prepared], x: torch.Tensor, y: torch.Tensor
@@ -738,7 +411,7 @@ def member_steps(group: Group, prepared: dict[str, Prepared], x: torch.Tensor, y
 
 def run_group(
     group: Group, prepared: dict[str, Prepared], unavailable: dict[str, str], config: BenchConfig,
-    device: torch.device, timer: Timer, progress: _Progress, macs: dict[tuple[str, int, str], float | None],
+    device: torch.device, timer: Timer, progress: Progress, macs: dict[tuple[str, int, str], float | None],
 ) -> list[dict[str, Any]]:
     """Time every (candidate, precision) of one workload, interleaved; one result row each.
 
@@ -795,28 +468,6 @@ def base_row(name: str, group: Group, precision: str) -> dict[str, Any]:
             "img_size": group.size, "precision": precision, "status": "ok"}
 
 
-def timing_fields(samples: list[float], batch: int, iters: int, gmacs: float | None,
-                  mem_mb: float | None) -> dict[str, Any]:
-    """Throughput, latency and spread from per-call samples (seconds)."""
-    stats = summarize(samples)
-    img_s = batch / stats.median
-    return {
-        "img_per_s": img_s,
-        "latency_ms": 1e3 * stats.median,
-        "q1_ms": 1e3 * stats.q1,
-        "q3_ms": 1e3 * stats.q3,
-        "min_ms": 1e3 * stats.min,
-        "max_ms": 1e3 * stats.max,
-        "spread_pct": stats.spread_pct,
-        "rounds": stats.n,
-        "iters": iters,
-        "samples_ms": [1e3 * s for s in samples],
-        "gmacs_per_img": gmacs,
-        "gmacs_per_s": gmacs * img_s if gmacs is not None else None,
-        "peak_mem_mb": mem_mb,
-    }
-
-
 def add_ratios(rows: list[dict[str, Any]], baselines: Sequence[tuple[str, str | None]],
                gemm: dict[str, Any]) -> None:
     """Throughput ratios against each baseline and the share of the GEMM rates, in place.
@@ -842,18 +493,11 @@ def add_ratios(rows: list[dict[str, Any]], baselines: Sequence[tuple[str, str | 
 def _ratio_to(row: dict[str, Any], index: dict[tuple, dict[str, Any]], name: str, precision: str | None
               ) -> dict[str, Any]:
     key = (name, row["kind"], row["batch"], row["img_size"], precision or row["precision"])
-    base = index.get(key)
-    out: dict[str, Any] = {"baseline": f"{name}:{key[-1]}", "median": None, "min": None, "max": None}
-    if row["status"] == "ok" and base is not None and base["status"] == "ok":
-        per_round = [b / s for b, s in zip(base["samples_ms"], row["samples_ms"])]
-        out.update(median=statistics.median(per_round), min=min(per_round), max=max(per_round))
-    return out
+    return {"baseline": f"{name}:{key[-1]}", **per_round_ratio(index.get(key), row)}
 
 
 def candidate_info(config: BenchConfig) -> dict[str, dict[str, Any]]:
     """Per-candidate facts: source, overrides, published numbers (only for unmodified architectures)."""
-    from open_fastervit import PUBLISHED
-
     info = {}
     for name in config.models:
         kwargs = config.kwargs_for(name)
@@ -898,7 +542,7 @@ def _run(config: BenchConfig, device: torch.device, timer: Timer, progress: bool
             for p in dict.fromkeys(["fp32", *config.precisions])}
     info = candidate_info(config)
     turns = sum((config.warmup + config.rounds) * len(config.models) * len(g.precisions) for g in groups)
-    bar = _Progress(turns, progress)
+    bar = Progress(turns, progress)
     rows: list[dict[str, Any]] = []
     macs: dict[tuple[str, int, str], float | None] = {}
     try:
@@ -911,7 +555,7 @@ def _run(config: BenchConfig, device: torch.device, timer: Timer, progress: bool
     finally:
         bar.close()
     add_ratios(rows, config.baseline_members(), gemm)
-    env["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    env["load_average_1m_end"] = load_average()
     return {"schema": SCHEMA, "env": env, "config": dataclasses.asdict(config),
             "gemm": gemm, "candidates": info, "rows": rows}
 
