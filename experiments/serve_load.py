@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
+from open_fastervit.demo import DEMO_MODEL_KWARGS
 
 import open_fastervit
-from open_fastervit.demo import DEMO_MODEL_KWARGS
 from open_fastervit.deploy.serve import free_port, load_test, server_process
 from open_fastervit.paths import data_path
 from open_fastervit.predict import expand_images, predict

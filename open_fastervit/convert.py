@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .serialization import CheckpointError, _listing, select_weights
+from .serialization import CheckpointError, key_listing, select_weights
 
 __all__ = ["CheckpointError", "checkpoint_filter_fn", "is_official_state_dict", "official_to_ours"]
 
@@ -90,7 +90,7 @@ def official_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if new is not None:
             out[new] = value
     if unknown:
-        raise CheckpointError(f"keys that belong to no official FasterViT: {_listing(unknown)}")
+        raise CheckpointError(f"keys that belong to no official FasterViT: {key_listing(unknown)}")
     for key, value in state_dict.items():
         if m := re.fullmatch(r"levels\.(\d)\.global_tokenizer\.to_global_feature\.pos\.(.+)", key):
             twin = out.get(f"stages.{m[1]}.carrier_init.pos_conv.{m[2]}")

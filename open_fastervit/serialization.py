@@ -356,7 +356,7 @@ def locate_weights(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) 
 # ---- fitting a state dict to a model -----------------------------------------------------------------------------
 
 
-def _listing(keys: list[str], limit: int = 8) -> str:
+def key_listing(keys: list[str], limit: int = 8) -> str:
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
@@ -382,11 +382,11 @@ def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "c
     ]
     problems = []
     if shapes:
-        problems.append(f"shapes disagree: {_listing(shapes, 6)}")
+        problems.append(f"shapes disagree: {key_listing(shapes, 6)}")
     if missing:
-        problems.append(f"missing from the {what}: {_listing(missing)}")
+        problems.append(f"missing from the {what}: {key_listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected in the {what}: {_listing(unexpected)}")
+        problems.append(f"unexpected in the {what}: {key_listing(unexpected)}")
     if problems:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise CheckpointError(f"the {what} does not fit {name} ({ARCH_HINT}): " + "; ".join(problems))

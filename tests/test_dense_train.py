@@ -270,7 +270,7 @@ def test_segmentation_under_torchrun_with_two_cpu_ranks(tmp_path):
 
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_dense_demo_quick_runs_the_whole_pipeline(task, tmp_path):
-    from open_fastervit.dense_demo import DenseDemoConfig, run_dense_demo
+    from open_fastervit.demos.dense import DenseDemoConfig, run_dense_demo
 
     facts = run_dense_demo(DenseDemoConfig(task=task, quick=True, output=str(tmp_path), workers=0, progress=False))
     for name in ("REPORT.md", "report.json", "predictions.png", "evaluate.json"):

@@ -16,9 +16,9 @@ MAX_LINES = 700
 RANKS: dict[str, int] = {
     "compat": 0, "runtime": 0, "paths": 0,
     "layers": 1,
-    "model": 2, "zoo": 2, "convert": 2, "serialization": 2, "fused": 2, "backbone": 2, "plugins": 2, "data": 2,
-    "labels": 2, "recipes": 2,
-    "loading": 3, "weights": 3,
+    "model": 2, "zoo": 2, "convert": 2, "serialization": 2, "fused": 2, "plugins": 2, "data": 2, "labels": 2,
+    "recipes": 2,
+    "loading": 3, "weights": 3, "backbone": 3,
     "inference": 4, "validate": 4, "predict": 4,
     "train": 5,
     "tasks": 6,

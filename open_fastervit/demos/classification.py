@@ -39,7 +39,8 @@ from open_fastervit.bench import BenchConfig, run_benchmark, write_reports
 from open_fastervit.labels import class_names_of, open_eval_dataset
 from open_fastervit.paths import data_path
 from open_fastervit.predict import Prediction, load_image, predict
-from open_fastervit.train import TrainConfig, train
+from open_fastervit.tasks.classification import TrainConfig
+from open_fastervit.train import train
 from open_fastervit.validate import load_model, validate
 
 __all__ = ["DEMO_MODEL", "DEMO_MODEL_KWARGS", "DemoConfig", "Plan", "plan_training", "run_demo"]

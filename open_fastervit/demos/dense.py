@@ -30,27 +30,27 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
 from open_fastervit.data import read_image
-from open_fastervit.dense import inference_copy
-from open_fastervit.detection import CocoDetection, draw_detections
-from open_fastervit.detection import save_png as save_detection_png
-from open_fastervit.detection.train import (
+from open_fastervit.paths import data_path
+from open_fastervit.tasks.dense import inference_copy
+from open_fastervit.tasks.detection import CocoDetection, draw_detections
+from open_fastervit.tasks.detection import save_png as save_detection_png
+from open_fastervit.tasks.detection.train import (
     DetectionConfig,
     evaluate_detector,
     load_detector,
     predict_detector,
     train_detector,
 )
-from open_fastervit.paths import data_path
-from open_fastervit.segmentation import read_mask, side_by_side
-from open_fastervit.segmentation import save_png as save_segmentation_png
-from open_fastervit.segmentation.train import (
+from open_fastervit.tasks.segmentation import read_mask, side_by_side
+from open_fastervit.tasks.segmentation import save_png as save_segmentation_png
+from open_fastervit.tasks.segmentation.train import (
     SegmentationConfig,
     evaluate_segmenter,
     load_segmenter,
     predict_segmenter,
     train_segmenter,
 )
-from open_fastervit.train import json_safe
+from open_fastervit.train.reporting import json_safe
 
 __all__ = ["DenseDemoConfig", "run_dense_demo"]
 
