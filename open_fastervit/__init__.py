@@ -7,6 +7,7 @@ from . import _compat  # noqa: F401  (first: old module paths keep working, with
 from . import plugins  # noqa: F401  (registers the hat_swin_* models with timm)
 from .backbone import FasterViTBackbone, create_backbone
 from .convert import checkpoint_filter_fn, official_to_ours
+from .deploy import runtimes  # noqa: F401  (registers the .onnx and .pt2 files with load_model)
 from .deploy.export import export_model, load_exported
 from .deploy.hub import push_to_hub, save_pretrained
 from .fused import inference_form

@@ -40,12 +40,14 @@ from ..serialization import atomic_write
 
 __all__ = [
     "FORMATS",
+    "ONNX_SINGLE_FILE_LIMIT",
     "RANGE_KEY",
     "ExportError",
     "ExportReport",
     "ExportedModel",
     "check_sizes",
     "default_check_shapes",
+    "describe_range",
     "export_model",
     "load_exported",
     "min_dynamic_size",
@@ -60,7 +62,8 @@ RANGE_KEY = "open_fastervit.input_range"
 #: Largest relative error (``max|out - ref| / max|ref|``, fp32) :func:`verify_export` accepts by default.
 TOLERANCE = 1e-5
 _STANDARD_DOMAINS = ("", "ai.onnx")
-_ONNX_SINGLE_FILE_LIMIT = 1.8e9  # bytes of weights: above, ONNX needs external data (protobuf's 2 GB limit)
+#: Bytes of weights above which an ONNX file keeps them as external data (protobuf's 2 GB limit).
+ONNX_SINGLE_FILE_LIMIT = 1.8e9
 
 
 class ExportError(ValueError):
@@ -103,7 +106,7 @@ class ExportReport:
         return max(self.errors.values(), default=0.0)
 
     def describe_range(self) -> str:
-        return _describe_range(_range_dict(self.size_range))
+        return describe_range(_range_dict(self.size_range))
 
     def table(self) -> str:
         """The check as text: one line per input shape with its largest relative error."""
@@ -154,7 +157,9 @@ def _range_dict(size_range: tuple[tuple[int, int | None], tuple[int, int | None]
     return {"batch": [1, None], "height": list(size_range[0]), "width": list(size_range[1])}
 
 
-def _describe_range(rng: dict[str, Any]) -> str:
+def describe_range(rng: dict[str, Any]) -> str:
+    """A stored input range in words, e.g. ``B >= 1, H = 224, W = 224``."""
+
     def axis(name: str, lo: int, hi: int | None) -> str:
         return f"{name} = {lo}" if hi == lo else (f"{name} >= {lo}" if hi is None else f"{lo} <= {name} <= {hi}")
 
@@ -184,7 +189,7 @@ def check_sizes(shape: Sequence[int], rng: dict[str, Any], in_chans: int | None 
             "smaller sizes put a transformer stage at one window per axis, which is another graph; export a fixed "
             "size for them (--img-size H W without --dynamic-size; Python: dynamic_size=False)"
         )
-        raise ExportError(f"{what} runs inputs with {_describe_range(rng)}; got {shape} ({', '.join(bad)}): {hint}")
+        raise ExportError(f"{what} runs inputs with {describe_range(rng)}; got {shape} ({', '.join(bad)}): {hint}")
 
 
 # ---- exporting ---------------------------------------------------------------------------------------------------
@@ -319,7 +324,7 @@ def _export_onnx(model: nn.Module, x: Tensor, dims: dict[int, Any], path: Path, 
     if bad:
         raise ExportError(f"the ONNX graph uses non-standard domains {sorted(bad)}; TensorRT would refuse it")
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if weights > _ONNX_SINGLE_FILE_LIMIT:  # too large for one protobuf: weights beside the file, written in place
+    if weights > ONNX_SINGLE_FILE_LIMIT:  # too large for one protobuf: weights beside the file, written in place
         program.save(str(path), external_data=True)
     else:
         atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
@@ -380,7 +385,7 @@ class ExportedModel:
         return self._run(x)
 
     def describe_range(self) -> str:
-        return _describe_range(self.input_range)
+        return describe_range(self.input_range)
 
 
 def load_exported(path: str | Path, providers: Sequence[str] | None = None) -> ExportedModel:
