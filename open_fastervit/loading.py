@@ -15,6 +15,7 @@
   from ``model_kwargs=``, else the file's ``model_kwargs`` (written by ``save_weights`` and the trainer).
 - a folder in the Hugging Face / timm layout (``config.json`` with ``architecture``, ``num_classes``,
   ``model_args``, ``pretrained_cfg``; ``model.safetensors``), read through timm's ``local-dir:`` source.
+- a run folder of ``fastervit train``: its ``best.safetensors`` (:data:`RUN_WEIGHTS`), read as a file.
 - a file of a runtime that registered its suffix with :func:`register_file_type` (``import open_fastervit``
   registers the exported ``.pt2`` programs and the ``.onnx`` files, fp32 exports and int8 files of
   ``fastervit quantize``). Such a file carries its own architecture: ``architecture``, ``model_kwargs`` and
@@ -62,6 +63,7 @@ from .zoo import MODEL_ARGS, OFFICIAL_NAMES, resolve_name
 
 __all__ = [
     "DEFAULT_MODEL",
+    "RUN_WEIGHTS",
     "WEIGHT_SUFFIXES",
     "FileType",
     "architecture_name",
@@ -77,6 +79,8 @@ _logger = logging.getLogger(__name__)
 
 #: The architecture of a weights file that names none.
 DEFAULT_MODEL = "fastervit_0"
+#: The weights a training run folder is loaded from.
+RUN_WEIGHTS = "best.safetensors"
 #: Suffixes of the weights files read here (``open_fastervit.serialization``): safetensors and torch checkpoints.
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".tar", ".bin", ".ckpt")
 
@@ -217,7 +221,9 @@ def load_model(
     text = str(source)
     path = Path(text).expanduser()
     runtime = _registered(path)
-    if path.is_dir():
+    if path.is_dir() and _is_run_folder(path):
+        model, info = _from_file(path / RUN_WEIGHTS, architecture, num_classes, head, use_ema, kwargs)
+    elif path.is_dir():
         model, info = _from_folder(path, architecture, num_classes, head, kwargs)
     elif path.is_file() and runtime is not None:
         return _from_runtime(runtime, path, num_classes, head, in_chans, device)
@@ -257,6 +263,18 @@ def _from_runtime(runtime: FileType, path: Path, num_classes: int | None, head: 
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """A folder written by ``fastervit train``: its ``best.safetensors``, and no Hugging Face ``config.json`` (one
+    naming an ``architecture``) beside it."""
+    if not (folder / RUN_WEIGHTS).is_file():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return True
+    return not (isinstance(config, dict) and "architecture" in config)
 
 
 def _report(model: nn.Module) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import FusedConv2d, FusedLinear, HierarchicalAttention
+from ..model import MIN_INPUT_SIZE
 from ..serialization import atomic_write
 
 __all__ = [
@@ -142,8 +143,6 @@ def min_dynamic_size(model: nn.Module) -> int:
     Raises:
         ExportError: not a FasterViT.
     """
-    from ..model import MIN_INPUT_SIZE
-
     return max([MIN_INPUT_SIZE, *(r * ws + 1 for r, ws in _attention_stages(model))])
 
 
@@ -263,14 +262,14 @@ def export_model(
     else:
         size_range = ((example_size[0],) * 2, (example_size[1],) * 2)
     rng = {**_range_dict(size_range), "dynamic_size": dynamic_size, "in_chans": int(getattr(model, "in_chans", 3))}
-    if min(example_size) < (bound if dynamic_size else _min_input()):
+    if min(example_size) < (bound if dynamic_size else MIN_INPUT_SIZE):
         if dynamic_size:
             raise ExportError(
                 f"a dynamic-size export of this model covers H, W >= {bound} (every transformer stage needs two "
                 f"windows per axis); example size {example_size} is below it. Export without --dynamic-size "
                 f"(Python: dynamic_size=False) for a fixed {example_size[0]}x{example_size[1]} program"
             )
-        raise ExportError(f"FasterViT needs inputs of at least {_min_input()} px, got example size {example_size}")
+        raise ExportError(f"FasterViT needs inputs of at least {MIN_INPUT_SIZE} px, got example size {example_size}")
     exported = copy.deepcopy(model).fuse(pack=False) if fuse and not _is_fused(model) else model
     exported.eval()
     device = next(iter(model.state_dict().values())).device
@@ -307,12 +306,6 @@ def export_model(
             error.report = report  # type: ignore[attr-defined]
             raise error
     return report
-
-
-def _min_input() -> int:
-    from ..model import MIN_INPUT_SIZE
-
-    return MIN_INPUT_SIZE
 
 
 def _export_onnx(model: nn.Module, x: Tensor, dims: dict[int, Any], path: Path, meta: dict[str, str],
@@ -357,7 +350,7 @@ def _nonstandard(proto: Any) -> set[str]:
 
 def onnx_domains(path: str | Path) -> set[str]:
     """Every operator domain used by the nodes of an ONNX file (graph, sub-graphs and functions)."""
-    import onnx
+    import onnx  # optional dependency (pip install onnx), needed for ONNX files only
 
     proto = onnx.load(str(path), load_external_data=False)
     return _domains(proto)
@@ -419,7 +412,7 @@ def load_exported(path: str | Path, providers: Sequence[str] | None = None) -> E
 
         return ExportedModel(path, "torch", extra, run_torch)
     if path.suffix == ".onnx":
-        import onnx
+        import onnx  # optional dependencies (pip install onnx onnxruntime)
         import onnxruntime as ort
 
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

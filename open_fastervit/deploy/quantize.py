@@ -174,7 +174,7 @@ def calibration_images(calib_dir: str | Path, num: int, *, seed: int = 0) -> Cal
 
 def _reader(images: Tensor, batch_size: int, input_name: str) -> Any:
     """An onnxruntime ``CalibrationDataReader`` over ``images`` in batches of ``batch_size``."""
-    from onnxruntime.quantization import CalibrationDataReader  # optional dependency (the int8 extra)
+    from onnxruntime.quantization import CalibrationDataReader  # optional dependency (pip install onnxruntime)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

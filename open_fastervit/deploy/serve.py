@@ -409,6 +409,6 @@ def create_app(
 def serve(model: torch.nn.Module, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           **app_kwargs: Any) -> None:
     """Serve ``model`` with uvicorn until interrupted (one process; ``app_kwargs`` go to :func:`create_app`)."""
-    import uvicorn
+    import uvicorn  # imported only when a server starts (it sets up its own logging)
 
     uvicorn.run(create_app(model, **app_kwargs), host=host, port=port, log_level=log_level)
