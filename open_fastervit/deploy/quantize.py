@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..data import DECODE_ERRORS, read_image
 from ..fused import inference_form
@@ -429,8 +430,6 @@ class QuantizedModel(nn.Module):
             QuantizeError: a shape outside the stored range (the message states it), training mode, or a torch
                 dispatch mode is active.
         """
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-
         if self.training:
             raise QuantizeError(f"{self.path.name} is an int8 inference model; it cannot be trained")
         if _get_current_dispatch_mode() is not None:
