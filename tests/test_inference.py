@@ -147,7 +147,7 @@ def test_bad_sources_and_arguments_give_clear_errors(tmp_path: Path, images) -> 
         Predictor(tmp_path / "missing.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         Predictor(tmp_path / "missing.onnx")
-    with pytest.raises(ValueError, match="unknown model 'fastervit_99'"):
+    with pytest.raises(ValueError, match="unknown FasterViT model 'fastervit_99'"):
         Predictor("fastervit_99")
     bad_onnx = tmp_path / "bad.onnx"
     bad_onnx.write_bytes(b"garbage")
