@@ -193,7 +193,8 @@ def load_model(
     """Build a model and load its weights from ``source`` (see the module docstring for what it may be).
 
     Args:
-        source: model name, weights file, or Hugging Face / timm model folder.
+        source: model name, weights file, run folder, Hugging Face / timm model folder, or a registered runtime
+            file (:func:`file_types`).
         architecture: the timm name to build for a file (default: the file's metadata, else ``fastervit_0``).
         num_classes: classifier width (default: the checkpoint's); see ``head``.
         head: ``"keep"``, ``"resize"`` or ``"reinit"`` (module docstring).
@@ -212,8 +213,10 @@ def load_model(
 
     Raises:
         CheckpointError: a file that is missing, corrupt, unsafe or does not fit; published weights that cannot be
-            had (offline); a head that disagrees with ``num_classes`` under ``head="keep"``.
-        ValueError: unknown model name, bad architecture arguments or head policy.
+            had (offline); a head that disagrees with ``num_classes`` under ``head="keep"``; a file of a type it does
+            not take (the message lists those it takes); a runtime file given another head or channel count.
+        ValueError: unknown model name, bad architecture arguments or head policy; a runtime's own errors (e.g.
+            ``QuantizeError`` for an ``.onnx`` file onnxruntime cannot open).
     """
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     if in_chans is not None:
