@@ -9,6 +9,7 @@ from . import (
 )
 from .backbone import FasterViTBackbone, create_backbone
 from .convert import checkpoint_filter_fn, official_to_ours
+from .deploy import runtimes  # noqa: F401  (registers the .onnx and .pt2 files with load_model)
 from .deploy.export import export_model, load_exported
 from .deploy.hub import push_to_hub, save_pretrained
 from .fused import inference_form

@@ -37,9 +37,10 @@ MOVED: dict[str, str] = {
 #: ``__getattr__`` calls :func:`moved_attribute`.
 MOVED_NAMES: dict[str, dict[str, str]] = {
     "open_fastervit.data": {
-        name: "open_fastervit.train.loader"
-        for name in ("LoaderOptions", "ResumableBatchSampler", "SampleKey", "SeededSamples", "ShardSampler",
-                     "TrainLoader", "build_eval_loader", "build_train_loader", "sample_rng", "shutdown_workers")
+        **{name: "open_fastervit.train.loader"
+           for name in ("LoaderOptions", "ResumableBatchSampler", "SampleKey", "SeededSamples", "ShardSampler",
+                        "TrainLoader", "build_eval_loader", "build_train_loader", "sample_rng", "shutdown_workers")},
+        "data_config_for": "open_fastervit.inference",
     },
     "open_fastervit.train": {
         **{name: "open_fastervit.tasks.classification.config"

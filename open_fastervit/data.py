@@ -15,14 +15,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import ImageDataset, create_dataset, resolve_data_config
+from timm.data import ImageDataset, create_dataset
 from torch.utils.data import Dataset, IterableDataset
 
 from . import compat
@@ -314,21 +314,6 @@ def ensure_randaugment_compat() -> None:
 def describe_data(data: str) -> str:
     """Short human description of a dataset argument, for logs."""
     return data if _is_spec(data) else os.path.abspath(os.path.expanduser(data))
-
-
-def data_config_for(model: torch.nn.Module, info: Mapping[str, Any] | None = None, **overrides: Any) -> dict:
-    """Evaluation preprocessing: the model's pretrained cfg, updated by the checkpoint's ``data_config`` /
-    ``img_size`` metadata, then by explicit ``overrides`` (img_size, crop_pct, crop_mode, interpolation)."""
-    info = info or {}
-    args = dict(info.get("data_config") or {})
-    if info.get("img_size") and "input_size" not in args:
-        args["img_size"] = int(info["img_size"])
-    if overrides.get("img_size"):
-        args.pop("input_size", None)
-    args.update({k: v for k, v in overrides.items() if v is not None})
-    if "input_size" in args:
-        args["input_size"] = tuple(args["input_size"])
-    return resolve_data_config(args=args, model=model)
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ import csv
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from timm.data import ImageDataset, ImageNetInfo
 from timm.data.readers.reader import Reader
@@ -30,6 +31,7 @@ __all__ = [
     "imagenet_label_map",
     "load_label_map",
     "open_eval_dataset",
+    "resolve_class_names",
 ]
 
 LABELS_CSV = "labels.csv"
@@ -205,3 +207,38 @@ def load_label_map(spec: str | Path | Mapping[int, int] | Sequence[int] | None,
     if not {"folder_index", "in1k_index"} <= rows[0].keys():
         raise ValueError(f"label map {spec} needs columns folder_index,in1k_index; it has {list(rows[0])}")
     return {int(r["folder_index"]): int(r["in1k_index"]) for r in rows}
+
+
+def resolve_class_names(
+    num_classes: int,
+    classes: str | Path | Sequence[str] | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Names for a model's ``num_classes`` outputs, from the first of: ``classes`` (a list, a text file with one
+    name per line, or a dataset folder whose ``train`` split names the classes), the ``class_names`` of the weights
+    (``info``, e.g. ``model.weights_info``), timm's ``ImageNetInfo`` for 1000 outputs, else the class index.
+
+    Raises:
+        FileNotFoundError: ``classes`` names a path that does not exist.
+        ValueError: as many names as outputs are not given.
+    """
+    names: Sequence[str] | None = None
+    if isinstance(classes, (str, Path)):
+        path = Path(classes)
+        if path.is_dir():
+            names = class_names_of(open_eval_dataset(path, split="train"))
+        elif path.is_file():
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            raise FileNotFoundError(f"class names {path}: no such file or folder")
+    elif classes is not None:
+        names = list(classes)
+    elif info and info.get("class_names"):
+        names = list(info["class_names"])
+    elif num_classes == IMAGENET_1K:
+        names = imagenet_class_names()
+    if names is None:
+        return [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names given for a model with {num_classes} outputs")
+    return list(names)

@@ -15,6 +15,11 @@
   from ``model_kwargs=``, else the file's ``model_kwargs`` (written by ``save_weights`` and the trainer).
 - a folder in the Hugging Face / timm layout (``config.json`` with ``architecture``, ``num_classes``,
   ``model_args``, ``pretrained_cfg``; ``model.safetensors``), read through timm's ``local-dir:`` source.
+- a run folder of ``fastervit train``: its ``best.safetensors`` (:data:`RUN_WEIGHTS`), read as a file.
+- a file of a runtime that registered its suffix with :func:`register_file_type` (``import open_fastervit``
+  registers the exported ``.pt2`` programs and the ``.onnx`` files, fp32 exports and int8 files of
+  ``fastervit quantize``). Such a file carries its own architecture: ``architecture``, ``model_kwargs`` and
+  ``use_ema`` do not apply to it; a ``num_classes`` or ``in_chans`` other than the file's is an error.
 
 Every route ends in the zoo's timm entry point (``timm.create_model(..., pretrained=True)``), which reads files with
 ``open_fastervit.serialization`` (``weights_only`` loading), converts official keys, adapts the stem to ``in_chans``
@@ -34,7 +39,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +61,67 @@ from .serialization import (
 )
 from .zoo import MODEL_ARGS, OFFICIAL_NAMES, resolve_name
 
-__all__ = ["DEFAULT_MODEL", "load_into", "load_model", "load_official", "load_official_checkpoint"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "RUN_WEIGHTS",
+    "WEIGHT_SUFFIXES",
+    "FileType",
+    "architecture_name",
+    "file_types",
+    "load_into",
+    "load_model",
+    "load_official",
+    "load_official_checkpoint",
+    "register_file_type",
+]
 
 _logger = logging.getLogger(__name__)
 
 #: The architecture of a weights file that names none.
 DEFAULT_MODEL = "fastervit_0"
-_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".tar", ".bin", ".ckpt")
+#: The weights a training run folder is loaded from.
+RUN_WEIGHTS = "best.safetensors"
+#: Suffixes of the weights files read here (``open_fastervit.serialization``): safetensors and torch checkpoints.
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".tar", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class FileType:
+    """A file type a runtime registered: ``open(path)`` returns a module taking ``(B, C, H, W)`` float images and
+    returning ``(B, classes)`` logits, with ``num_classes``, ``pretrained_cfg`` and ``weights_info`` set."""
+
+    suffix: str
+    open: Callable[[Path], nn.Module]
+    description: str
+
+
+_FILE_TYPES: dict[str, FileType] = {}
+
+
+def register_file_type(suffix: str, opener: Callable[[Path], nn.Module], description: str) -> None:
+    """Let :func:`load_model` open files ending in ``suffix`` with ``opener(path)`` (a runtime registers its files
+    this way when it is imported; registering a suffix again replaces its opener).
+
+    Raises:
+        ValueError: a suffix that does not start with ``.``, or one of :data:`WEIGHT_SUFFIXES`.
+    """
+    key = suffix.lower()
+    if not key.startswith(".") or len(key) < 2:
+        raise ValueError(f"a file type suffix starts with '.', got {suffix!r}")
+    if key in WEIGHT_SUFFIXES:
+        raise ValueError(f"{suffix} is a weights file read by load_model itself; it cannot be registered")
+    _FILE_TYPES[key] = FileType(key, opener, description)
+
+
+def file_types() -> dict[str, str]:
+    """Every suffix :func:`load_model` takes -> what it is (weights files first, then the registered runtimes)."""
+    types = {suffix: "weights (safetensors or torch checkpoint)" for suffix in WEIGHT_SUFFIXES}
+    return {**types, **{t.suffix: t.description for t in _FILE_TYPES.values()}}
+
+
+def _registered(path: Path) -> FileType | None:
+    name = path.name.lower()
+    return next((t for t in _FILE_TYPES.values() if name.endswith(t.suffix)), None)
 
 
 def _is_name(source: str) -> bool:
@@ -69,8 +129,13 @@ def _is_name(source: str) -> bool:
     return base in MODEL_ARGS or base in OFFICIAL_NAMES or timm.is_model(source)
 
 
-def _architecture(name: str) -> str:
-    """Our name for a FasterViT / official name; other timm names as they are."""
+def architecture_name(name: str) -> str:
+    """The timm name ``name`` builds: ours for a FasterViT or official name (``faster_vit_0_224`` ->
+    ``fastervit_0``), any other timm name as it is.
+
+    Raises:
+        ValueError: a name timm does not know, with the closest FasterViT names.
+    """
     base = name.split(".", 1)[0]
     if base in MODEL_ARGS or base in OFFICIAL_NAMES:
         return resolve_name(name)
@@ -128,7 +193,8 @@ def load_model(
     """Build a model and load its weights from ``source`` (see the module docstring for what it may be).
 
     Args:
-        source: model name, weights file, or Hugging Face / timm model folder.
+        source: model name, weights file, run folder, Hugging Face / timm model folder, or a registered runtime
+            file (:func:`file_types`).
         architecture: the timm name to build for a file (default: the file's metadata, else ``fastervit_0``).
         num_classes: classifier width (default: the checkpoint's); see ``head``.
         head: ``"keep"``, ``"resize"`` or ``"reinit"`` (module docstring).
@@ -147,19 +213,29 @@ def load_model(
 
     Raises:
         CheckpointError: a file that is missing, corrupt, unsafe or does not fit; published weights that cannot be
-            had (offline); a head that disagrees with ``num_classes`` under ``head="keep"``.
-        ValueError: unknown model name, bad architecture arguments or head policy.
+            had (offline); a head that disagrees with ``num_classes`` under ``head="keep"``; a file of a type it does
+            not take (the message lists those it takes); a runtime file given another head or channel count.
+        ValueError: unknown model name, bad architecture arguments or head policy; a runtime's own errors (e.g.
+            ``QuantizeError`` for an ``.onnx`` file onnxruntime cannot open).
     """
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     text = str(source)
     path = Path(text).expanduser()
-    if path.is_dir():
+    runtime = _registered(path)
+    if path.is_dir() and _is_run_folder(path):
+        model, info = _from_file(path / RUN_WEIGHTS, architecture, num_classes, head, use_ema, kwargs)
+    elif path.is_dir():
         model, info = _from_folder(path, architecture, num_classes, head, kwargs)
+    elif path.is_file() and runtime is not None:
+        return _from_runtime(runtime, path, num_classes, head, in_chans, device)
     elif path.is_file():
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise CheckpointError(f"{path}: unknown file type {path.suffix or '(no suffix)'}; load_model takes "
+                                  + ", ".join(f"{suffix} ({what})" for suffix, what in file_types().items()))
         model, info = _from_file(path, architecture, num_classes, head, use_ema, kwargs)
-    elif _is_name(text) or not (path.suffix in _FILE_SUFFIXES or "/" in text or "\\" in text):
+    elif _is_name(text) or not (path.suffix.lower() in file_types() or "/" in text or "\\" in text):
         model, info = _from_name(text, num_classes, head, pretrained, kwargs)
     else:
         raise CheckpointError(f"checkpoint file {path} does not exist")
@@ -175,6 +251,35 @@ def load_model(
     return model.eval()
 
 
+def _from_runtime(runtime: FileType, path: Path, num_classes: int | None, head: str, in_chans: int | None,
+                  device: str | torch.device | None) -> nn.Module:
+    """A registered runtime's file: opened as it is (its architecture, head and input channels are fixed)."""
+    model = runtime.open(path)
+    classes, chans = getattr(model, "num_classes", None), getattr(model, "in_chans", 3)
+    if head != "keep" or (num_classes is not None and num_classes != classes):
+        raise CheckpointError(f"{path} is a {runtime.description} with a fixed {classes}-class head; it cannot be "
+                              f"given another (num_classes={num_classes}, head={head!r})")
+    if in_chans is not None and in_chans != chans:
+        raise CheckpointError(f"{path} is a {runtime.description} taking {chans}-channel images, not {in_chans}")
+    model.weights_info = {"source": str(path), **dict(getattr(model, "weights_info", None) or {}),
+                          "num_classes": classes}
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """A folder written by ``fastervit train``: its ``best.safetensors``, and no Hugging Face ``config.json`` (one
+    naming an ``architecture``) beside it."""
+    if not (folder / RUN_WEIGHTS).is_file():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return True
+    return not (isinstance(config, dict) and "architecture" in config)
+
+
 def _report(model: nn.Module) -> dict[str, Any]:
     return dict(getattr(model, "weights_info", None) or {"reinitialized": [], "in_chans": None})
 
@@ -182,7 +287,7 @@ def _report(model: nn.Module) -> dict[str, Any]:
 def _from_name(
     name: str, num_classes: int | None, head: str, pretrained: bool, kwargs: dict[str, Any]
 ) -> tuple[nn.Module, dict[str, Any]]:
-    arch = _architecture(name)
+    arch = architecture_name(name)
     if not pretrained:
         model = _create(arch, {**kwargs, "num_classes": num_classes} if num_classes else kwargs)
         _logger.info("%s has random weights (pretrained=False)", arch)
@@ -206,7 +311,7 @@ def _from_folder(
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or "architecture" not in config:
         raise CheckpointError(f"{config_file} names no 'architecture' (timm's config.json layout)")
-    if architecture and _architecture(architecture) != _architecture(config["architecture"]):
+    if architecture and architecture_name(architecture) != architecture_name(config["architecture"]):
         raise CheckpointError(f"{folder} holds a {config['architecture']}, not a {architecture}")
     classes = config.get("num_classes", (config.get("pretrained_cfg") or {}).get("num_classes"))
     _head_classes(head, num_classes, classes, str(folder))
@@ -231,11 +336,11 @@ def _from_file(
         info["weights"] = f"official {info['weights']}"
     stored = info.get("architecture")
     try:
-        stored_arch = _architecture(str(stored)) if stored else None
+        stored_arch = architecture_name(str(stored)) if stored else None
     except ValueError:
         stored_arch = None
     if architecture:
-        arch = _architecture(architecture)
+        arch = architecture_name(architecture)
     else:
         arch = stored_arch or DEFAULT_MODEL
     kwargs = {**_tuples(info.get("model_kwargs") or {}), **kwargs}

@@ -1,8 +1,9 @@
-"""Classify images and report the top-k labels (``fastervit predict``).
+"""Classify images and report the top-k labels (``fastervit predict``), and list image files.
 
-Labels come from, in order: names given by the caller (a list, a text file with one name per line,
-or a dataset folder), the ``class_names`` stored in the checkpoint, timm's ``ImageNetInfo`` when the
-model has 1000 outputs, else the class index.
+The model side is :class:`open_fastervit.inference.Predictor`. Labels come from, in order: names given by the
+caller (a list, a text file with one name per line, or a dataset folder), the ``class_names`` stored in the
+checkpoint, timm's ``ImageNetInfo`` when the model has 1000 outputs, else the class index
+(:func:`open_fastervit.labels.resolve_class_names`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform
+from torch import nn
 
-from open_fastervit.fused import inference_form
-from open_fastervit.labels import IMAGENET_1K, class_names_of, imagenet_class_names, open_eval_dataset
-from open_fastervit.validate import data_config_for, default_device, load_model
+from open_fastervit.data import ImageDecodeError, read_image
+from open_fastervit.inference import Predictor
+from open_fastervit.labels import resolve_class_names
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -31,6 +32,7 @@ __all__ = [
     "format_prediction",
     "load_image",
     "predict",
+    "report_skipped",
     "resolve_class_names",
 ]
 
@@ -65,8 +67,6 @@ def load_image(path: str | Path) -> Image.Image:
         ImageReadError: the file is missing, not an image, corrupt, or has samples that cannot be mapped to
             8 bits (32-bit integer / float values out of range); the message names the file.
     """
-    from open_fastervit.data import ImageDecodeError, read_image
-
     path = Path(path)
     try:
         return read_image(path)
@@ -167,34 +167,6 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
-def resolve_class_names(
-    num_classes: int,
-    classes: str | Path | Sequence[str] | None = None,
-    info: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Names for the model's ``num_classes`` outputs (see the module docstring for the order tried)."""
-    names: Sequence[str] | None = None
-    if isinstance(classes, (str, Path)):
-        path = Path(classes)
-        if path.is_dir():
-            names = class_names_of(open_eval_dataset(path, split="train"))
-        elif path.is_file():
-            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        else:
-            raise FileNotFoundError(f"class names {path}: no such file or folder")
-    elif classes is not None:
-        names = list(classes)
-    elif info and info.get("class_names"):
-        names = list(info["class_names"])
-    elif num_classes == IMAGENET_1K:
-        names = imagenet_class_names()
-    if names is None:
-        return [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names given for a model with {num_classes} outputs")
-    return list(names)
-
-
 def predict(
     images: Sequence[str | Path],
     model: str | torch.nn.Module | None = None,
@@ -250,25 +222,13 @@ def predict(
         paths.append(path)
     if not pictures:
         return []
-    info: dict = {}
-    loaded_here = model is None or isinstance(model, str)
-    if loaded_here:
-        model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema, pretrained=pretrained)
-    device = torch.device(device) if device is not None else default_device()
-    model = model.eval().to(device)
-    if fuse and loaded_here:
-        model = inference_form(model)
-    names = resolve_class_names(model.num_classes, classes, info)
-    transform = create_transform(**data_config_for(model, info, img_size=img_size))
-    k = min(topk, model.num_classes)
-    results: list[Prediction] = []
-    with torch.inference_mode():
-        for start in range(0, len(pictures), batch_size):
-            batch = torch.stack([transform(p) for p in pictures[start:start + batch_size]]).to(device)
-            probs, indices = model(batch).float().softmax(dim=-1).topk(k, dim=-1)
-            for path, p, i in zip(paths[start:start + batch_size], probs.tolist(), indices.tolist()):
-                results.append(Prediction(str(path), i, [names[j] for j in i], p))
-    return results
+    from_file = checkpoint is not None and not isinstance(model, nn.Module)
+    predictor = Predictor(checkpoint if from_file else model, architecture=model if from_file else None,
+                          model_kwargs=model_kwargs, use_ema=None if use_ema else False, pretrained=pretrained,
+                          fuse=fuse, device=device, img_size=img_size, classes=classes, batch_size=batch_size)
+    _ = predictor.class_names  # names that do not fit the model fail here, before any inference
+    return [Prediction(str(path), top.indices, top.labels, top.probs)
+            for path, top in zip(paths, predictor(pictures, topk))]
 
 
 def format_prediction(pred: Prediction) -> str:

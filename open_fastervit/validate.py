@@ -1,15 +1,16 @@
 """Evaluation: top-1 / top-5 accuracy and loss of a model on a labelled dataset.
 
 ``evaluate`` scores an already-built model on any loader of ``(images, targets)`` batches (the trainer
-calls it every epoch). ``validate`` is the end-to-end API behind ``fastervit validate``: it builds the
-model (timm name + architecture overrides + checkpoint), resolves the evaluation preprocessing from
-the model's pretrained cfg, opens the dataset and calls ``evaluate``.
+calls it every epoch). ``validate`` is the end-to-end API behind ``fastervit validate``: it takes the
+model, its inference form and evaluation preprocessing from :class:`open_fastervit.inference.Predictor`,
+opens the dataset and calls ``evaluate``.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,12 @@ from timm.data import create_loader
 from timm.utils import AverageMeter, accuracy
 
 from open_fastervit import loading
-from open_fastervit.data import data_config_for
-from open_fastervit.fused import inference_form
+from open_fastervit.inference import Predictor
+from open_fastervit.inference import data_config_for as data_config_for  # older imports took it from here
 from open_fastervit.labels import load_label_map, open_eval_dataset
 from open_fastervit.serialization import ema_mode, read_weights
 
-__all__ = ["AMP_DTYPES", "evaluate", "load_model", "read_checkpoint", "validate"]
-
-#: The one precision vocabulary of every command (``--amp``): autocast dtype by name.
-AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["evaluate", "read_checkpoint", "validate"]
 
 LabelMap = Mapping[int, int] | Sequence[int]
 
@@ -145,22 +143,16 @@ def load_model(
     use_ema: bool = True,
     pretrained: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
-    """``open_fastervit.load_model`` as ``(model, info)``: ``checkpoint`` (architecture ``name``, else the file's),
-    else model ``name`` (default :data:`DEFAULT_MODEL`) with its published weights, or random ones when
-    ``pretrained=False``. ``use_ema`` prefers a training checkpoint's EMA weights. A ``.onnx`` checkpoint is an int8
-    file of ``fastervit quantize``, opened by ``open_fastervit.deploy.quantize.load_quantized`` (architecture
-    arguments are its own).
+    """Deprecated: use :func:`open_fastervit.load_model` (``model.weights_info`` is the ``info`` returned here).
+
+    ``(model, info)`` of ``checkpoint`` (architecture ``name``, else the file's), else of model ``name`` (default
+    :data:`DEFAULT_MODEL`) with its published weights, or random ones when ``pretrained=False``.
 
     Raises:
-        CheckpointError: see ``open_fastervit.load_model`` (offline without weights, bad file, misfit).
-        ValueError: unknown model name or bad architecture arguments; a ``.onnx`` file that is not ours
-            (``QuantizeError``).
+        CheckpointError, ValueError: as :func:`open_fastervit.load_model`.
     """
-    if checkpoint is not None and str(checkpoint).endswith(".onnx"):
-        from open_fastervit.deploy.quantize import load_quantized
-
-        model = load_quantized(checkpoint)
-        return model, dict(model.weights_info)
+    warnings.warn("open_fastervit.validate.load_model is deprecated; use open_fastervit.load_model (the model's "
+                  "weights_info is the info)", DeprecationWarning, stacklevel=2)
     if checkpoint is not None:
         model = loading.load_model(checkpoint, architecture=name, model_kwargs=model_kwargs,
                                    use_ema=None if use_ema else False)
@@ -172,10 +164,6 @@ def load_model(
 # --------------------------------------------------------------------------------------------------
 # end-to-end validation
 # --------------------------------------------------------------------------------------------------
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _default_batch_size(device: torch.device) -> int:
@@ -208,14 +196,17 @@ def validate(
     batch_size: int | None = None,
     workers: int | None = None,
     device: str | torch.device | None = None,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | str | None = None,
     fuse: bool = True,
     pretrained: bool = True,
 ) -> dict:
     """Top-1/top-5 and loss of a model (timm name and/or checkpoint, or a module) on a dataset folder.
 
-    Preprocessing follows the model's pretrained cfg (``resolve_data_config``: input size, crop_pct,
-    crop_mode such as ``squash``, interpolation, mean/std) via timm's ``create_loader``.
+    The model, its inference form, device, precision and preprocessing come from
+    :class:`open_fastervit.inference.Predictor`: the model's pretrained cfg (``resolve_data_config``: input size,
+    crop_pct, crop_mode such as ``squash``, interpolation, mean/std), the file's stored preprocessing, then the
+    arguments here; images are loaded by timm's ``create_loader``. ``amp_dtype`` is an autocast dtype or a
+    precision word (``"none"``, ``"bf16"``, ``"fp16"``).
     ``data`` is an ImageFolder (``split`` sub-folder used when present) or a flat folder with a
     ``labels.csv``; ``label_map`` (``'in1k'``, a CSV path or a dict) maps its targets to model outputs.
     A model loaded here runs in its exact inference form (``fused.inference_form``) unless ``fuse=False``;
@@ -230,16 +221,17 @@ def validate(
     Returns:
         :func:`evaluate`'s metrics plus the model, weights, data and preprocessing used and the time taken.
     """
-    info: dict = {"weights": "module"}
-    device = torch.device(device) if device is not None else default_device()
     dataset = open_eval_dataset(data, split=split, label_column=label_column)
-    if model is None or isinstance(model, str):
-        model, info = load_model(model, checkpoint, model_kwargs=model_kwargs, use_ema=use_ema, pretrained=pretrained)
-        if fuse:
-            model = inference_form(model.to(device))
-    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    config = data_config_for(model, info, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
-                             interpolation=interpolation)
+    given = model if isinstance(model, torch.nn.Module) else None
+    was_training = given is not None and given.training
+    from_file = checkpoint is not None and given is None
+    predictor = Predictor(checkpoint if from_file else model, architecture=model if from_file else None,
+                          model_kwargs=model_kwargs, use_ema=None if use_ema else False, pretrained=pretrained,
+                          fuse=fuse, device=device, amp=amp_dtype, img_size=img_size, crop_pct=crop_pct,
+                          crop_mode=crop_mode, interpolation=interpolation)
+    if given is not None:
+        given.train(was_training)  # evaluate() runs it in eval mode and gives it back as it came
+    device, config = predictor.device, predictor.data_config
     batch_size = batch_size or _default_batch_size(device)
     workers = _default_workers(len(dataset), batch_size, device) if workers is None else workers
     loader = create_loader(
@@ -249,14 +241,14 @@ def validate(
         device=device, persistent_workers=False,
     )
     start = time.perf_counter()
-    metrics = evaluate(model.to(device), loader, device=device, amp_dtype=amp_dtype,
+    metrics = evaluate(predictor.model, loader, device=device, amp_dtype=predictor.amp_dtype,
                        label_map=load_label_map(label_map, dataset))
     seconds = time.perf_counter() - start
     return {
         **metrics,
-        "model": name,
+        "model": predictor.name,
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "weights": info["weights"],
+        "weights": "module" if given is not None else predictor.info["weights"],
         "data": str(data),
         "input_size": list(config["input_size"]),
         "crop_pct": config["crop_pct"],

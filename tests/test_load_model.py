@@ -211,9 +211,9 @@ def test_published_weights_offline_say_how_to_pass_a_file(tmp_path: Path, monkey
 def test_every_file_of_a_training_run_gives_the_same_size_and_labels(tmp_path: Path) -> None:
     """Review item 1: ``last.pt`` gave no img_size / class_names (224 px, indices); expected: 32 and the names of
     the run's classes, as ``best.safetensors`` and ``last_ema.safetensors`` give."""
+    from open_fastervit.inference import data_config_for
     from open_fastervit.tasks.classification import TrainConfig
     from open_fastervit.train import train
-    from open_fastervit.validate import data_config_for
 
     data = data_path("tiny-imagenet-10")
     arch = dict(dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=(7, 7, 3, 3))

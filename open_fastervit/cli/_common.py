@@ -7,11 +7,10 @@ import json
 import sys
 from typing import Any
 
-from open_fastervit.loading import DEFAULT_MODEL
+from open_fastervit.loading import DEFAULT_MODEL, architecture_name
+from open_fastervit.runtime import AMP_CHOICES, DEPRECATED_AMP
 
-#: ``--amp`` words of every command, and the spellings some commands used before (accepted, with a note).
-AMP_CHOICES = ("none", "bf16", "fp16")
-DEPRECATED_AMP = {"bfloat16": "bf16", "float16": "fp16", "fp32": "none", "float32": "none"}
+__all__ = ["AMP_CHOICES", "add_model_args", "amp_word", "json_dict", "model_call_args", "random_weights_note"]
 
 
 def amp_word(text: str, option: str = "--amp") -> str:
@@ -52,9 +51,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help=f"timm model name (default: the checkpoint's architecture, else {DEFAULT_MODEL})")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", "-c", default=None, metavar="FILE",
-                         help="weights: our .safetensors, a training checkpoint, an official .pth.tar, or a "
-                         "Hugging Face/timm model folder (default: the model's published weights, from the "
-                         "Hugging Face hub or its cache)")
+                         help="weights: our .safetensors, a training checkpoint or run folder, an official .pth.tar, "
+                         "a Hugging Face/timm model folder, or a file of fastervit export / quantize (.pt2, .onnx) "
+                         "(default: the model's published weights, from the Hugging Face hub or its cache)")
     weights.add_argument("--random-weights", action="store_true",
                          help="use random weights (no download; the answers mean nothing, for testing only)")
     parser.add_argument("--model-kwargs", type=json_dict, default={},
@@ -80,10 +79,8 @@ def random_weights_note(command: str, args: argparse.Namespace) -> None:
     note about a model that will not be built would only mislead."""
     if args.random_weights:
         if args.model:
-            from open_fastervit.loading import _architecture
-
             try:
-                _architecture(args.model)
+                architecture_name(args.model)
             except ValueError:
                 return
         print(f"fastervit {command}: note: {args.model or DEFAULT_MODEL} has random weights (--random-weights); "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from open_fastervit.cli._common import json_dict, random_weights_note
 from open_fastervit.loading import DEFAULT_MODEL
 
@@ -16,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         "answers the top-k labels as JSON; GET /health reports the model and the queue; GET / is an upload page.",
     )
     parser.add_argument("model", metavar="SOURCE", nargs="?", default=None,
-                        help="model name, weights file (.safetensors, training .pt, official .pth.tar) or Hugging "
-                        f"Face / timm model folder (default: {DEFAULT_MODEL} with its published weights)")
+                        help="model name, weights file (.safetensors, training .pt, official .pth.tar), run folder, "
+                        "Hugging Face / timm model folder, or a file of fastervit export / quantize (.pt2, .onnx) "
+                        f"(default: {DEFAULT_MODEL} with its published weights)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights for a model name (no download; the answers mean nothing, for testing)")
     parser.add_argument("--architecture", default=None,
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastervit serve`` until interrupted; 1 with a one-line message for weights or arguments that fail."""
+    # fastapi and uvicorn load only when a server starts (not for --help or a bad argument)
     from open_fastervit.deploy.serve import MAX_PIXELS, load_for_serving, serve
 
     parser = build_parser()
@@ -59,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-batch and --topk must be >= 1, --max-wait-ms >= 0 and --max-upload-mb > 0")
     random_weights_note("serve", args)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         model = load_for_serving(args.model, architecture=args.architecture, model_kwargs=args.model_kwargs,

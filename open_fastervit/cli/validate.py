@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from open_fastervit.cli._common import AMP_CHOICES, add_model_args, amp_word, model_call_args, random_weights_note
-from open_fastervit.validate import AMP_DTYPES, validate
+from open_fastervit.runtime import AMP_DTYPES
+from open_fastervit.validate import validate
 
 
 def build_parser() -> argparse.ArgumentParser:

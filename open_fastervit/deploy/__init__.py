@@ -2,9 +2,11 @@
 
 from .export import ExportError, ExportReport, export_model, load_exported, min_dynamic_size, verify_export
 from .hub import push_to_hub, save_pretrained, weights_license
+from .runtimes import ExportedClassifier  # importing runtimes registers .onnx and .pt2 with load_model
 
 __all__ = [
     "ExportError",
+    "ExportedClassifier",
     "ExportReport",
     "export_model",
     "load_exported",

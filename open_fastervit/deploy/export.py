@@ -36,16 +36,19 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import FusedConv2d, FusedLinear, HierarchicalAttention
+from ..model import MIN_INPUT_SIZE
 from ..serialization import atomic_write
 
 __all__ = [
     "FORMATS",
+    "ONNX_SINGLE_FILE_LIMIT",
     "RANGE_KEY",
     "ExportError",
     "ExportReport",
     "ExportedModel",
     "check_sizes",
     "default_check_shapes",
+    "describe_range",
     "export_model",
     "load_exported",
     "min_dynamic_size",
@@ -60,7 +63,8 @@ RANGE_KEY = "open_fastervit.input_range"
 #: Largest relative error (``max|out - ref| / max|ref|``, fp32) :func:`verify_export` accepts by default.
 TOLERANCE = 1e-5
 _STANDARD_DOMAINS = ("", "ai.onnx")
-_ONNX_SINGLE_FILE_LIMIT = 1.8e9  # bytes of weights: above, ONNX needs external data (protobuf's 2 GB limit)
+#: Bytes of weights above which an ONNX file keeps them as external data (protobuf's 2 GB limit).
+ONNX_SINGLE_FILE_LIMIT = 1.8e9
 
 
 class ExportError(ValueError):
@@ -103,7 +107,7 @@ class ExportReport:
         return max(self.errors.values(), default=0.0)
 
     def describe_range(self) -> str:
-        return _describe_range(_range_dict(self.size_range))
+        return describe_range(_range_dict(self.size_range))
 
     def table(self) -> str:
         """The check as text: one line per input shape with its largest relative error."""
@@ -139,8 +143,6 @@ def min_dynamic_size(model: nn.Module) -> int:
     Raises:
         ExportError: not a FasterViT.
     """
-    from ..model import MIN_INPUT_SIZE
-
     return max([MIN_INPUT_SIZE, *(r * ws + 1 for r, ws in _attention_stages(model))])
 
 
@@ -154,7 +156,9 @@ def _range_dict(size_range: tuple[tuple[int, int | None], tuple[int, int | None]
     return {"batch": [1, None], "height": list(size_range[0]), "width": list(size_range[1])}
 
 
-def _describe_range(rng: dict[str, Any]) -> str:
+def describe_range(rng: dict[str, Any]) -> str:
+    """A stored input range in words, e.g. ``B >= 1, H = 224, W = 224``."""
+
     def axis(name: str, lo: int, hi: int | None) -> str:
         return f"{name} = {lo}" if hi == lo else (f"{name} >= {lo}" if hi is None else f"{lo} <= {name} <= {hi}")
 
@@ -184,7 +188,7 @@ def check_sizes(shape: Sequence[int], rng: dict[str, Any], in_chans: int | None 
             "smaller sizes put a transformer stage at one window per axis, which is another graph; export a fixed "
             "size for them (--img-size H W without --dynamic-size; Python: dynamic_size=False)"
         )
-        raise ExportError(f"{what} runs inputs with {_describe_range(rng)}; got {shape} ({', '.join(bad)}): {hint}")
+        raise ExportError(f"{what} runs inputs with {describe_range(rng)}; got {shape} ({', '.join(bad)}): {hint}")
 
 
 # ---- exporting ---------------------------------------------------------------------------------------------------
@@ -258,14 +262,14 @@ def export_model(
     else:
         size_range = ((example_size[0],) * 2, (example_size[1],) * 2)
     rng = {**_range_dict(size_range), "dynamic_size": dynamic_size, "in_chans": int(getattr(model, "in_chans", 3))}
-    if min(example_size) < (bound if dynamic_size else _min_input()):
+    if min(example_size) < (bound if dynamic_size else MIN_INPUT_SIZE):
         if dynamic_size:
             raise ExportError(
                 f"a dynamic-size export of this model covers H, W >= {bound} (every transformer stage needs two "
                 f"windows per axis); example size {example_size} is below it. Export without --dynamic-size "
                 f"(Python: dynamic_size=False) for a fixed {example_size[0]}x{example_size[1]} program"
             )
-        raise ExportError(f"FasterViT needs inputs of at least {_min_input()} px, got example size {example_size}")
+        raise ExportError(f"FasterViT needs inputs of at least {MIN_INPUT_SIZE} px, got example size {example_size}")
     exported = copy.deepcopy(model).fuse(pack=False) if fuse and not _is_fused(model) else model
     exported.eval()
     device = next(iter(model.state_dict().values())).device
@@ -304,12 +308,6 @@ def export_model(
     return report
 
 
-def _min_input() -> int:
-    from ..model import MIN_INPUT_SIZE
-
-    return MIN_INPUT_SIZE
-
-
 def _export_onnx(model: nn.Module, x: Tensor, dims: dict[int, Any], path: Path, meta: dict[str, str],
                  opset: int | None) -> None:
     program = torch.onnx.export(model, (x,), dynamic_shapes={"x": dims}, input_names=["x"],
@@ -319,7 +317,7 @@ def _export_onnx(model: nn.Module, x: Tensor, dims: dict[int, Any], path: Path, 
     if bad:
         raise ExportError(f"the ONNX graph uses non-standard domains {sorted(bad)}; TensorRT would refuse it")
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if weights > _ONNX_SINGLE_FILE_LIMIT:  # too large for one protobuf: weights beside the file, written in place
+    if weights > ONNX_SINGLE_FILE_LIMIT:  # too large for one protobuf: weights beside the file, written in place
         program.save(str(path), external_data=True)
     else:
         atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
@@ -352,7 +350,7 @@ def _nonstandard(proto: Any) -> set[str]:
 
 def onnx_domains(path: str | Path) -> set[str]:
     """Every operator domain used by the nodes of an ONNX file (graph, sub-graphs and functions)."""
-    import onnx
+    import onnx  # optional dependency (pip install onnx), needed for ONNX files only
 
     proto = onnx.load(str(path), load_external_data=False)
     return _domains(proto)
@@ -380,7 +378,7 @@ class ExportedModel:
         return self._run(x)
 
     def describe_range(self) -> str:
-        return _describe_range(self.input_range)
+        return describe_range(self.input_range)
 
 
 def load_exported(path: str | Path, providers: Sequence[str] | None = None) -> ExportedModel:
@@ -414,7 +412,7 @@ def load_exported(path: str | Path, providers: Sequence[str] | None = None) -> E
 
         return ExportedModel(path, "torch", extra, run_torch)
     if path.suffix == ".onnx":
-        import onnx
+        import onnx  # optional dependencies (pip install onnx onnxruntime)
         import onnxruntime as ort
 
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

@@ -23,6 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
+from safetensors import safe_open
+from timm.models._hub import generate_readme, save_config_for_hf
 from torch import nn
 
 from ..layers import FusedConv2d, FusedLinear
@@ -55,8 +58,6 @@ _CITATION = """@inproceedings{hatamizadeh2024fastervit,
 def _file_metadata(file: Any) -> dict[str, str]:
     if not file or not str(file).endswith(".safetensors") or not Path(str(file)).is_file():
         return {}
-    from safetensors import safe_open
-
     with safe_open(str(file), framework="pt") as f:
         return dict(f.metadata() or {})
 
@@ -102,8 +103,6 @@ def _check_savable(model: nn.Module) -> None:
 
 
 def _model_card(model: nn.Module, name: str, license_id: str, config: Mapping[str, Any]) -> str:
-    from timm.models._hub import generate_readme
-
     args = config.get("model_args") or {}
     info = getattr(model, "weights_info", None) or {}
     card = {
@@ -169,8 +168,6 @@ def save_pretrained(
         ValueError: a fused inference snapshot (its folded weights do not rebuild a trainable model), or a model timm
             cannot describe (no ``pretrained_cfg``).
     """
-    from timm.models._hub import save_config_for_hf
-
     _check_savable(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -213,8 +210,6 @@ def push_to_hub(
     Raises:
         ValueError: as :func:`save_pretrained`; huggingface_hub's errors (no token, no network) pass through.
     """
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token, library_name="open_fastervit")
     with tempfile.TemporaryDirectory(prefix="fastervit_hub_") as tmp:
         save_pretrained(model, tmp, license=license, name=repo_id, model_args=model_args)

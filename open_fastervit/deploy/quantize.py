@@ -62,14 +62,27 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..data import DECODE_ERRORS, read_image
-from .export import _ONNX_SINGLE_FILE_LIMIT, RANGE_KEY, ExportError, check_sizes, export_model, min_dynamic_size
+from ..fused import inference_form
+from ..inference import Predictor
+from ..serialization import atomic_write
+from .export import (
+    ONNX_SINGLE_FILE_LIMIT,
+    RANGE_KEY,
+    ExportError,
+    check_sizes,
+    describe_range,
+    export_model,
+    min_dynamic_size,
+)
 
 __all__ = [
     "METHODS",
     "OP_TYPES",
     "QUANT_KEY",
+    "NotQuantizedError",
     "QuantizeError",
     "QuantizedModel",
     "Calibration",
@@ -96,6 +109,10 @@ CHECK_IMAGES = 64
 
 class QuantizeError(ValueError):
     """A quantization that cannot be made (arguments, calibration data, output), or a file that is not ours."""
+
+
+class NotQuantizedError(QuantizeError):
+    """An ONNX file of ``fastervit export`` (fp32, with its input range) given where an int8 file was expected."""
 
 
 @dataclass
@@ -158,7 +175,7 @@ def calibration_images(calib_dir: str | Path, num: int, *, seed: int = 0) -> Cal
 
 def _reader(images: Tensor, batch_size: int, input_name: str) -> Any:
     """An onnxruntime ``CalibrationDataReader`` over ``images`` in batches of ``batch_size``."""
-    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader  # optional dependency (pip install onnxruntime)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -181,7 +198,7 @@ def _reader(images: Tensor, batch_size: int, input_name: str) -> Any:
 
 
 def _require_onnxruntime() -> None:
-    try:
+    try:  # optional dependencies: imported only when quantizing or opening an int8 file
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
@@ -199,18 +216,6 @@ def _check_output(output: Path) -> None:
         raise QuantizeError(f"cannot write {output}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise QuantizeError(f"cannot write {output}: no write permission")
-
-
-def _load(source: str | Path | nn.Module, architecture: str | None, model_kwargs: Mapping[str, Any] | None,
-          use_ema: bool | None) -> tuple[nn.Module, dict[str, Any], str]:
-    """The fp32 model, its weights info and a description of where it came from."""
-    if isinstance(source, nn.Module):
-        info = dict(getattr(source, "weights_info", None) or {})
-        return source, info, str(info.get("file") or info.get("source") or type(source).__name__)
-    from ..loading import load_model
-
-    model = load_model(source, architecture=architecture, model_kwargs=model_kwargs, use_ema=use_ema)
-    return model, dict(model.weights_info), str(source)
 
 
 def _json_ready(value: Any) -> Any:
@@ -267,15 +272,19 @@ def quantize_model(
     _check_output(output)
     _require_onnxruntime()
     calib = calibration_images(calib_dir, num_calib, seed=seed)  # data errors before the model is loaded
+    # optional dependency (checked by _require_onnxruntime above)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    from timm.data import create_transform
 
-    from ..data import data_config_for
-    from ..fused import inference_form
-
-    model, info, source_name = _load(source, architecture, model_kwargs, use_ema)
-    config = data_config_for(model, info, img_size=img_size)
+    # the fp32 model on CPU and its evaluation preprocessing; a module given is copied, so it is not changed
+    given = source if isinstance(source, nn.Module) else None
+    predictor = Predictor(copy.deepcopy(given) if given is not None else source, architecture=architecture,
+                          model_kwargs=model_kwargs, use_ema=use_ema, fuse=False, device="cpu", img_size=img_size)
+    model, info, config = predictor.model, predictor.info, predictor.data_config
+    if given is not None:
+        source_name = str(info.get("file") or info.get("source") or type(given).__name__)
+    else:
+        source_name = str(source)
     size = (int(config["input_size"][1]), int(config["input_size"][2]))
     try:
         bound = min_dynamic_size(model)
@@ -288,12 +297,12 @@ def quantize_model(
             f"(Python: dynamic_size=False) for a fixed-size file, or give --img-size of at least {bound}"
         )
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if weights > _ONNX_SINGLE_FILE_LIMIT:
+    if weights > ONNX_SINGLE_FILE_LIMIT:
         raise QuantizeError(f"the fp32 model has {weights / 1e9:.1f} GB of weights; quantizing models above "
-                            f"{_ONNX_SINGLE_FILE_LIMIT / 1e9:.1f} GB (ONNX external data) is not supported")
-    images = calib.tensors(create_transform(**config))
+                            f"{ONNX_SINGLE_FILE_LIMIT / 1e9:.1f} GB (ONNX external data) is not supported")
+    images = predictor.preprocess(calib.pictures)
     start = time.perf_counter()
-    fused = inference_form(copy.deepcopy(model).cpu().float())
+    fused = inference_form(copy.deepcopy(model).float())
     with tempfile.TemporaryDirectory(prefix="fastervit_int8_") as tmp:
         fp32, pre, int8 = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         try:
@@ -301,7 +310,7 @@ def quantize_model(
                          example_size=None if dynamic_size else size, check=False)
         except ExportError as e:
             raise QuantizeError(f"cannot export the fp32 model to ONNX: {e}") from None
-        import onnx
+        import onnx  # optional dependency (checked by _require_onnxruntime above)
 
         meta = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
         # onnxruntime's symbolic shape inference gives up on a dynamic H, W (and then dumps its partial result into
@@ -339,14 +348,13 @@ def quantize_model(
     })
     del proto.metadata_props[:]
     proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items())
-    from ..serialization import atomic_write
-
     atomic_write(output, lambda tmp_path: onnx.save(proto, tmp_path))
     return output
 
 
 def _ort_version() -> str:
-    import onnxruntime
+    import onnxruntime  # optional dependency
+
 
     return onnxruntime.__version__
 
@@ -367,7 +375,7 @@ def _quick_check(proto: Any, fused: nn.Module, images: Tensor) -> dict[str, Any]
 
 def _session(model: str | bytes, threads: int | None, providers: Sequence[str] | None = None) -> Any:
     """An onnxruntime CPU session; ``threads`` intra-op threads (default: torch's current number)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -422,8 +430,6 @@ class QuantizedModel(nn.Module):
             QuantizeError: a shape outside the stored range (the message states it), training mode, or a torch
                 dispatch mode is active.
         """
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-
         if self.training:
             raise QuantizeError(f"{self.path.name} is an int8 inference model; it cannot be trained")
         if _get_current_dispatch_mode() is not None:
@@ -450,9 +456,8 @@ class QuantizedModel(nn.Module):
         return f"{self.path.name}, int8 {q.get('format')} ({q.get('method')}), inputs {self.describe_range()}"
 
     def describe_range(self) -> str:
-        from .export import _describe_range
-
-        return _describe_range(self.input_range)
+        """The stored input range in words (``B >= 1, H = 64, W = 64``)."""
+        return describe_range(self.input_range)
 
 
 def load_quantized(path: str | Path, *, threads: int | None = None,
@@ -467,8 +472,8 @@ def load_quantized(path: str | Path, *, threads: int | None = None,
             may take it).
 
     Raises:
-        QuantizeError: missing file, not an ONNX file, or not written by :func:`quantize_model` (e.g. an fp32
-            export: open that with ``open_fastervit.deploy.load_exported``).
+        QuantizeError: missing file, not an ONNX file, or not written by :func:`quantize_model`
+            (:class:`NotQuantizedError` for an fp32 export: open that with ``open_fastervit.deploy.load_exported``).
     """
     path = Path(path)
     if not path.is_file():
@@ -482,6 +487,6 @@ def load_quantized(path: str | Path, *, threads: int | None = None,
     missing = [k for k in (RANGE_KEY, QUANT_KEY, DATA_CONFIG_KEY) if k not in meta]
     if missing:
         what = "an fp32 export (open it with load_exported)" if RANGE_KEY in meta else "not written by open_fastervit"
-        raise QuantizeError(f"{path} is not an int8 file from `fastervit quantize` ({what}; it lacks "
-                            f"{', '.join(missing)})")
+        error = NotQuantizedError if RANGE_KEY in meta else QuantizeError
+        raise error(f"{path} is not an int8 file from `fastervit quantize` ({what}; it lacks {', '.join(missing)})")
     return QuantizedModel(path, session, meta)

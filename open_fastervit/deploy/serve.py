@@ -15,11 +15,13 @@ What a request goes through:
 1. The body is read with a size limit (:data:`MAX_UPLOAD_BYTES`, 413 past it, also for chunked uploads).
 2. In a thread of the default pool: the header is checked against a pixel limit (:data:`MAX_PIXELS`, 413), the image
    is decoded by :func:`open_fastervit.data.read_image` (the reader of ``predict``, validation and training: 16-bit
-   images are scaled, not clipped) and put through the model's evaluation transform (the one ``fastervit predict``
-   builds: ``create_transform(**data_config_for(model, info))``). Bad images answer 400 with a message.
+   images are scaled, not clipped) and put through the model's evaluation transform (that of
+   :class:`open_fastervit.inference.Predictor`, as in ``fastervit predict``). Bad images answer 400 with a message.
 3. The tensor joins the :class:`Batcher` queue; a background task takes up to ``max_batch`` requests, waiting at most
    ``max_wait_ms`` after the first for more, runs one forward pass in its own thread (so the event loop keeps
    accepting requests) and gives each request its own row.
+
+A load-test client (many concurrent clients checking every answer) is in ``experiments/serve_load.py``.
 """
 
 from __future__ import annotations
@@ -27,14 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
-import subprocess
-import sys
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -43,27 +40,19 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform
 
 from open_fastervit.data import ImageDecodeError, read_image
-from open_fastervit.fused import inference_form
-from open_fastervit.loading import DEFAULT_MODEL, load_model
-from open_fastervit.predict import Prediction, resolve_class_names
-from open_fastervit.validate import data_config_for, default_device
+from open_fastervit.inference import Predictor
 
 __all__ = [
     "MAX_PIXELS",
     "MAX_UPLOAD_BYTES",
     "Batcher",
     "Classifier",
-    "LoadReport",
     "UploadError",
     "create_app",
     "load_for_serving",
-    "load_test",
     "serve",
-    "free_port",
-    "server_process",
 ]
 
 #: Largest accepted upload (bytes); larger bodies answer 413.
@@ -98,28 +87,31 @@ def load_for_serving(
     pretrained: bool = True,
     fuse: bool = True,
 ) -> torch.nn.Module:
-    """``open_fastervit.load_model(source)`` (default :data:`~open_fastervit.loading.DEFAULT_MODEL`) in its exact
-    inference form (``open_fastervit.inference_form``; ``fuse=False``: as built, in eval mode).
+    """``open_fastervit.load_model(source)`` (default :data:`~open_fastervit.loading.DEFAULT_MODEL`) on CPU in its
+    exact inference form (``open_fastervit.inference_form``; ``fuse=False``: as built, in eval mode), loaded by
+    :class:`open_fastervit.inference.Predictor`; ``model.weights_info`` says what was loaded.
 
     Raises:
         CheckpointError: weights that cannot be had (offline), read or fitted.
         ValueError: unknown model name or bad architecture arguments.
     """
-    model = load_model(source or DEFAULT_MODEL, architecture=architecture, model_kwargs=model_kwargs,
-                       use_ema=None if use_ema else False, pretrained=pretrained)
-    info = model.weights_info
-    if fuse:
-        model = inference_form(model)
-        model.weights_info = info
-    return model
+    return Predictor(source, architecture=architecture, model_kwargs=model_kwargs, use_ema=None if use_ema else False,
+                     pretrained=pretrained, fuse=fuse, device="cpu").model
 
 
 class Classifier:
-    """A model with the evaluation transform and class names of ``fastervit predict``.
+    """The HTTP side of a :class:`~open_fastervit.inference.Predictor`: uploaded bytes in, top-k rows out.
 
     :meth:`preprocess` (any thread) turns uploaded bytes into a ``(3, H, W)`` tensor; calling the classifier on a list
     of such tensors runs one forward pass and returns one top-k row per tensor, in order. The model is used as it is
     given (as ``predict`` does with a module): pass it through :func:`load_for_serving` for the fused form.
+
+    Attributes:
+        predictor, model, device, names (class names), data_config, transform, k (top-k), max_pixels, model_name,
+        weights, source.
+
+    Raises:
+        ValueError: ``topk`` < 1, bad device or class names (as :class:`~open_fastervit.inference.Predictor`).
     """
 
     def __init__(
@@ -134,18 +126,15 @@ class Classifier:
     ) -> None:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
-        info = dict(getattr(model, "weights_info", None) or {})
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = model.eval().to(self.device)
-        self.names = resolve_class_names(model.num_classes, classes, info)
-        self.data_config = data_config_for(model, info, img_size=img_size)
-        self.transform = create_transform(**self.data_config)
-        self.k = min(topk, model.num_classes)
+        self.predictor = predictor = Predictor(model, classes=classes, img_size=img_size, device=device)
+        self.model, self.device = predictor.model, predictor.device
+        self.names = predictor.class_names
+        self.data_config, self.transform = predictor.data_config, predictor.transform
+        self.k = min(topk, predictor.num_classes)
         self.max_pixels = max_pixels
-        self.model_name = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-                              or info.get("architecture") or type(model).__name__)
-        self.weights = str(info.get("weights", "unknown"))
-        self.source = str(info.get("source", ""))
+        self.model_name = predictor.name
+        self.weights = str(predictor.info.get("weights", "unknown"))
+        self.source = str(predictor.info.get("source", ""))
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Uploaded image bytes -> the model's input tensor ``(3, H, W)``.
@@ -171,12 +160,9 @@ class Classifier:
         return self.transform(image)
 
     def __call__(self, inputs: list[torch.Tensor]) -> list[Row]:
-        """One forward pass over ``inputs``; row ``i`` is the top-k of ``inputs[i]``."""
-        with torch.inference_mode():
-            batch = torch.stack(inputs).to(self.device)
-            probs, indices = self.model(batch).float().softmax(dim=-1).topk(self.k, dim=-1)
-        return [dict(labels=[self.names[j] for j in i], indices=i, probs=p)
-                for p, i in zip(probs.tolist(), indices.tolist())]
+        """One forward pass over ``inputs`` (``(3, H, W)`` tensors); row ``i`` is the top-k of ``inputs[i]``."""
+        tops = self.predictor.postprocess(self.predictor.infer(torch.stack(inputs)), self.k)
+        return [dict(labels=top.labels, indices=top.indices, probs=top.probs) for top in tops]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,175 +409,6 @@ def create_app(
 def serve(model: torch.nn.Module, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           **app_kwargs: Any) -> None:
     """Serve ``model`` with uvicorn until interrupted (one process; ``app_kwargs`` go to :func:`create_app`)."""
-    import uvicorn
+    import uvicorn  # imported only when a server starts (it sets up its own logging)
 
     uvicorn.run(create_app(model, **app_kwargs), host=host, port=port, log_level=log_level)
-
-
-# --------------------------------------------------------------------------------------------------
-# load test
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_test` saw. ``lost``: requests that got no HTTP answer (connection error, timeout);
-    ``errors``: answers other than 200; ``mismatches``: 200 answers that differ from the expected prediction."""
-
-    url: str
-    clients: int
-    seconds: float
-    requests: int
-    ok: int
-    errors: int
-    lost: int
-    mismatches: int
-    p50_ms: float
-    p99_ms: float
-    throughput: float
-    batches: int
-    mean_batch: float
-
-    def summary(self) -> str:
-        return (f"{self.clients} clients x {self.seconds:.1f} s: {self.requests} requests, {self.ok} ok, "
-                f"{self.errors} errors, {self.lost} lost, {self.mismatches} mismatches; p50 {self.p50_ms:.1f} ms, "
-                f"p99 {self.p99_ms:.1f} ms, {self.throughput:.1f} req/s, {self.batches} batches "
-                f"(mean {self.mean_batch:.1f})")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _agrees(answer: Mapping[str, Any], expected: Prediction | Mapping[str, Any], tolerance: float) -> bool:
-    want = asdict(expected) if isinstance(expected, Prediction) else expected
-    return (answer.get("indices") == list(want["indices"]) and answer.get("labels") == list(want["labels"])
-            and len(answer.get("probs", [])) == len(want["probs"])
-            and all(abs(a - b) <= tolerance for a, b in zip(answer["probs"], want["probs"])))
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-async def _load(url: str, payloads: list[tuple[str, bytes]], expected: Sequence[Any] | None, clients: int,
-                seconds: float, tolerance: float, timeout: float) -> LoadReport:
-    import httpx
-
-    base = url.rstrip("/")
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    counts = dict(requests=0, ok=0, errors=0, lost=0, mismatches=0)
-    latencies: list[float] = []
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        name, data = payloads[0]
-        (await client.post(f"{base}/predict", files={"file": (name, data)})).raise_for_status()  # warm-up
-        before = (await client.get(f"{base}/health")).json()
-        start = time.perf_counter()
-        stop_at = start + seconds
-
-        async def one_client(first: int) -> None:
-            j = first
-            while time.perf_counter() < stop_at:
-                name, data = payloads[j % len(payloads)]
-                want = expected[j % len(payloads)] if expected is not None else None
-                j += clients
-                counts["requests"] += 1
-                sent = time.perf_counter()
-                try:
-                    response = await client.post(f"{base}/predict", files={"file": (name, data)})
-                except httpx.HTTPError:
-                    counts["lost"] += 1
-                    continue
-                latencies.append(time.perf_counter() - sent)
-                if response.status_code != 200:
-                    counts["errors"] += 1
-                elif want is not None and not _agrees(response.json(), want, tolerance):
-                    counts["mismatches"] += 1
-                else:
-                    counts["ok"] += 1
-
-        await asyncio.gather(*(one_client(c) for c in range(clients)))
-        elapsed = time.perf_counter() - start
-        after = (await client.get(f"{base}/health")).json()
-    batches = after["batches"] - before["batches"]
-    served = after["requests"] - before["requests"]
-    return LoadReport(url=url, clients=clients, seconds=elapsed, **counts, p50_ms=1000 * _percentile(latencies, 50),
-                      p99_ms=1000 * _percentile(latencies, 99), throughput=(counts["ok"] + counts["mismatches"])
-                      / elapsed, batches=batches, mean_batch=served / batches if batches else 0.0)
-
-
-def load_test(
-    url: str,
-    images: Sequence[str | Path | bytes],
-    *,
-    clients: int = 8,
-    seconds: float = 3.0,
-    expected: Sequence[Prediction | Mapping[str, Any]] | None = None,
-    tolerance: float = 1e-5,
-    timeout: float = 60.0,
-) -> LoadReport:
-    """Send ``clients`` concurrent streams of ``POST /predict`` to the server at ``url`` for ``seconds``.
-
-    Client ``c`` sends images ``c, c + clients, ...`` (cycling), so concurrent requests carry distinct images when
-    there are enough. Each answer is compared with ``expected[i]`` (e.g. ``open_fastervit.predict.predict(images,
-    ...)`` with the server's weights): same indices and labels, probabilities within ``tolerance``. One warm-up
-    request is sent first and not counted; batches are read from ``/health`` before and after.
-    """
-    if clients < 1 or seconds <= 0:
-        raise ValueError(f"clients must be >= 1 and seconds > 0, got {clients} and {seconds}")
-    if not images:
-        raise ValueError("load_test needs at least one image")
-    if expected is not None and len(expected) != len(images):
-        raise ValueError(f"{len(expected)} expected predictions for {len(images)} images")
-    payloads = [(f"image{i}", item) if isinstance(item, bytes) else (Path(item).name, Path(item).read_bytes())
-                for i, item in enumerate(images)]
-    return asyncio.run(_load(url, payloads, expected, clients, seconds, tolerance, timeout))
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for test and benchmark servers)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server_process(
-    source: str | Path, port: int, *options: str, log: str | Path | None = None, timeout: float = 60.0
-) -> Iterator[str]:
-    """Run ``fastervit serve SOURCE --port PORT OPTIONS...`` in a subprocess (this Python) and yield its URL once
-    ``/health`` answers; terminate it on exit. Output goes to ``log`` (default: discarded).
-
-    Raises:
-        RuntimeError: the server exited or did not answer within ``timeout`` seconds (the log's tail is included).
-    """
-    import httpx
-
-    command = [sys.executable, "-m", "open_fastervit.cli", "serve", str(source), "--port", str(port), *options]
-    url = f"http://127.0.0.1:{port}"
-    with open(log or os.devnull, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = Path(log).read_text()[-2000:] if log else ""
-                state = f"exited with {process.returncode}" if process.returncode is not None else "did not answer"
-                raise RuntimeError(f"fastervit serve {state} ({' '.join(command)}):\n{tail}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
