@@ -34,14 +34,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from open_fastervit import save_weights
+from open_fastervit import load_model, save_weights
 from open_fastervit.bench import BenchConfig, run_benchmark, write_reports
 from open_fastervit.labels import class_names_of, open_eval_dataset
 from open_fastervit.paths import data_path
 from open_fastervit.predict import Prediction, load_image, predict
 from open_fastervit.tasks.classification import TrainConfig
 from open_fastervit.train import train
-from open_fastervit.validate import load_model, validate
+from open_fastervit.validate import validate
 
 __all__ = ["DEMO_MODEL", "DEMO_MODEL_KWARGS", "DemoConfig", "Plan", "plan_training", "run_demo"]
 
@@ -177,7 +177,7 @@ def train_model(cfg: DemoConfig, data: Path, out: Path) -> dict[str, Any]:
 
 def save_demo_weights(cfg: DemoConfig, checkpoint: str, class_names: list[str], path: Path) -> Path:
     """Re-save the trained weights with the metadata ``validate``/``predict`` read (no flags needed)."""
-    model, _ = load_model(DEMO_MODEL, checkpoint, model_kwargs=cfg.model_kwargs)
+    model = load_model(checkpoint, architecture=DEMO_MODEL, model_kwargs=cfg.model_kwargs)
     metadata = {
         "class_names": class_names,
         "model_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.model_kwargs.items()},
@@ -412,7 +412,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         with stage("bench", f"benchmarking against {', '.join(cfg.peers)}"):
             bench = run_bench(cfg, out, num_classes=len(names), threads=plan.threads)
 
-    model, _ = load_model(None, weights)
+    model = load_model(weights)
     facts = {
         "data": str(data), "class_names": names, "machine": _machine(), "model_kwargs": cfg.model_kwargs,
         "params": _params(model),
