@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 
+from .loading import load_model
 from .model import FasterViT, fuse_in_place
 
 __all__ = ["FasterViTBackbone", "create_backbone"]
@@ -126,7 +128,6 @@ class FasterViTBackbone(nn.Module):
         Returns:
             A list of ``{"params", "weight_decay", "lr_scale"[, "lr"], "param_names"}`` dicts for torch optimizers.
         """
-        from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
         no_decay = self.no_weight_decay()
         if layer_decay is not None:
@@ -200,7 +201,6 @@ def create_backbone(
     Raises:
         CheckpointError: a missing, corrupt or mismatching checkpoint; ValueError: unknown name or bad arguments.
     """
-    from .loading import load_model
 
     kwargs = dict(model_kwargs or {})
     if drop_path_rate is not None:

@@ -21,8 +21,8 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import ImageDataset, create_dataset
+from PIL import Image, ImageOps
+from timm.data import ImageDataset, auto_augment, create_dataset
 from torch.utils.data import Dataset, IterableDataset
 
 from . import compat
@@ -284,7 +284,6 @@ def open_dataset(
 
 def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
     """Posterize that, like Pillow < 13, accepts 0 bits (a black image) - RandAugment's strongest level."""
-    from PIL import ImageOps
 
     if bits_to_keep >= 8:
         return img
@@ -300,8 +299,6 @@ def ensure_randaugment_compat() -> None:
     a few percent of images); Pillow 13 raises ValueError there. Only when Pillow rejects 0 bits, timm's
     posterize ops are pointed at ``_posterize_any_bits``, which keeps the old result.
     """
-    from PIL import ImageOps
-    from timm.data import auto_augment
 
     try:
         ImageOps.posterize(Image.new("RGB", (1, 1)), 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.utils.model import reparameterize_model
 from torch import nn
 
 __all__ = ["inference_form"]
@@ -15,7 +16,6 @@ def inference_form(model: nn.Module) -> nn.Module:
     For a FasterViT the result is an inference snapshot (see ``FasterViT.fuse``): later changes to the weights of
     the model it was made from do not reach it, and it has no parameters to train.
     """
-    from timm.utils.model import reparameterize_model
 
     model.eval()
     if hasattr(model, "fuse"):

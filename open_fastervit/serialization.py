@@ -16,6 +16,7 @@ through timm), so the model, the zoo and the key conversion can all import it wi
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -27,8 +28,13 @@ import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from timm.models import clean_state_dict
 from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
@@ -80,9 +86,6 @@ def load_checkpoint_file(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -178,8 +181,6 @@ def _json_or_text(text: str) -> Any:
 def _metadata(path: Path, obj: Mapping) -> dict[str, Any]:
     """Architecture, architecture kwargs, class names ... stored in a file (safetensors metadata or dict keys)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
         return {k: _json_or_text(raw[k]) for k in META_KEYS if k in raw}
@@ -208,7 +209,6 @@ RUN_WEIGHT_FILES = ("last.safetensors", "best.safetensors", "last_ema.safetensor
 def _run_class_names(path: Path, architecture: Any) -> list[str] | None:
     """Class names of a training run, for its ``last.pt`` (which holds the config, not the names): read from the
     weight files the same run wrote beside it (same architecture), so every file of a run gives the same labels."""
-    from safetensors import safe_open
 
     for name in RUN_WEIGHT_FILES:
         sibling = path.parent / name
@@ -260,8 +260,6 @@ def weights_in_folder(folder: str | Path) -> Path:
 
 
 def _hub_help(what: str, repo: str, filename: str, reason: str) -> CheckpointError:
-    from huggingface_hub import constants
-
     return CheckpointError(
         f"the published weights of {what} ({repo}/{filename} on the Hugging Face hub) cannot be had: {reason}. "
         f"Pass a weights file (--checkpoint FILE; Python: load_model(FILE)), put it in the Hugging Face cache "
@@ -274,8 +272,6 @@ HUB_PROBE_TIMEOUT = 3.0
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return env or bool(constants.HF_HUB_OFFLINE)
 
@@ -285,9 +281,6 @@ def _hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
 
     huggingface_hub retries a failed download several times with growing pauses (tens of seconds offline); one
     quick probe first lets an unreachable hub fail in a few seconds."""
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
@@ -317,9 +310,6 @@ def locate_weights(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) 
         path = Path(file)
         return weights_in_folder(path) if path.is_dir() else path
     if cfg.get("hf_hub_id"):
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
         repo, filename = cfg["hf_hub_id"], cfg.get("hf_hub_filename") or FOLDER_FILES[0]
         repo, _, revision = repo.partition("@")
         try:
@@ -341,7 +331,7 @@ def locate_weights(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) 
         except (HfHubHTTPError, HFValidationError, OSError) as e:
             raise _hub_help(what, repo, filename, f"{type(e).__name__}: {_first_sentence(e)}") from None
     if cfg.get("url"):
-        from timm.models._hub import download_cached_file
+        from timm.models._hub import download_cached_file  # here: only a download by URL needs it
 
         try:
             return Path(download_cached_file(cfg["url"], cache_dir=cache_dir))
@@ -520,7 +510,6 @@ def architecture_kwargs(model: nn.Module) -> dict[str, Any]:
     """The architecture arguments a timm model was built with: those of timm's ``model._model_args`` (the factory
     kwargs) that are parameters of the model class (all of them when it takes ``**kwargs``), less
     :data:`NOT_ARCHITECTURE_ARGS`; tuples as lists (JSON). Empty for a model built without ``timm.create_model``."""
-    import inspect
 
     given = dict(getattr(model, "_model_args", None) or {})
     try:
@@ -543,7 +532,7 @@ def architecture_kwargs(model: nn.Module) -> dict[str, Any]:
 
 def _inference_form_layer(model: nn.Module) -> str | None:
     """The name of a fused (inference-form) layer of ``model``, None when it has none."""
-    from .layers.fused import FusedConv2d, FusedLinear
+    from .layers.fused import FusedConv2d, FusedLinear  # here: the packed layers matter only when saving them
 
     for name, module in model.named_modules():
         if isinstance(module, (FusedLinear, FusedConv2d)) or getattr(module, "fused", False) is True:
@@ -563,7 +552,6 @@ def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, Any]
         ValueError: ``model`` is the inference form (``fuse()`` / ``inference_form``), whose weights no model
             loads back.
     """
-    from safetensors.torch import save_file
 
     fused = _inference_form_layer(model)
     if fused is not None:

@@ -413,7 +413,7 @@ def load_exported(path: str | Path, providers: Sequence[str] | None = None) -> E
         return ExportedModel(path, "torch", extra, run_torch)
     if path.suffix == ".onnx":
         import onnx  # optional dependencies (pip install onnx onnxruntime)
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependency, needed only to check an ONNX file
 
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         if RANGE_KEY not in meta:

@@ -273,6 +273,7 @@ def quantize_model(
     _require_onnxruntime()
     calib = calibration_images(calib_dir, num_calib, seed=seed)  # data errors before the model is loaded
     # optional dependency (checked by _require_onnxruntime above)
+    # here: onnxruntime is an optional dependency, loaded only to quantize
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

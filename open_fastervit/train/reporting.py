@@ -69,7 +69,8 @@ def plot_curves(history: list[dict[str, Any]], curve: list[list[float]], steps_p
 
     Train loss and lr are drawn per logging interval (``curve``), validation metrics per epoch.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: matplotlib loads only to draw
+    # here, not at the top: matplotlib loads only when a run ends and draws its curves
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(13, 3.6), layout="constrained")

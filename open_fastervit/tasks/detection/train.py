@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ...data import DatasetError, read_image
+from ...predict import expand_image_entries, report_skipped
 from ...train.config import option
 from ...train.distributed import DistInfo
 from ...train.engine import run_training
@@ -41,6 +44,19 @@ from ...train.loader import LoaderOptions, build_eval_loader
 from ...train.reporting import write_json
 from ...train.task import register_task
 from ..dense import DenseConfig, DenseTask, OutputNames, inference_copy, load_dense_model
+from .data import (
+    CocoDetection,
+    InstanceMaskFolder,
+    NoMasksError,
+    collate_detection,
+    eval_transforms,
+    instance_folder_to_coco,
+    quiet_coco,
+    train_transforms,
+)
+from .metrics import coco_evaluate, to_coco_results
+from .models import build_detector, detector_from_config, detector_param_groups
+from .visualize import draw_detections, save_png
 
 __all__ = ["DetectionConfig", "evaluate_detector", "load_detector", "predict_detector", "train_detector"]
 
@@ -89,7 +105,6 @@ class DetectionConfig(DenseConfig):
 
 def _split_data(root: Path, split: str, ann: str | None, masks: bool, transforms: Any) -> Any:
     """The dataset of one split: COCO json when there is one, else an instance-mask folder."""
-    from .data import CocoDetection, InstanceMaskFolder
 
     if ann is None and (root / split / "instances").is_dir() and (root / split / "images").is_dir():
         return InstanceMaskFolder(root, split, transforms)
@@ -108,7 +123,6 @@ def open_detection_data(cfg: DetectionConfig, masks: bool) -> tuple[Any, Any]:
     Raises:
         DatasetError: missing data, no usable image, or train and val splits with different categories.
     """
-    from .data import eval_transforms, train_transforms
 
     if not cfg.data:
         raise DatasetError("no data given: set data to a COCO root or an instance-mask folder root")
@@ -131,7 +145,6 @@ def ground_truth(dataset: Any) -> Any:
     construction (``CocoDetection.evaluation_coco``), an instance folder's masks written as a temporary json."""
     if hasattr(dataset, "evaluation_coco"):
         return dataset.evaluation_coco()
-    from .data import instance_folder_to_coco, quiet_coco
 
     with tempfile.TemporaryDirectory() as tmp:
         path = instance_folder_to_coco(dataset.root, dataset.split, Path(tmp) / "gt.json")
@@ -145,7 +158,6 @@ def detect_dataset(model: nn.Module, loader: Any, device: torch.device, label_to
     images evaluated. An unreadable image is replaced by the dataset with a readable neighbour; that repeat is
     dropped here, so the unreadable image is left out of the evaluation (not counted as missed) and no image is
     counted twice."""
-    from .metrics import to_coco_results
 
     results: list[dict[str, Any]] = []
     seen: list[int] = []
@@ -166,7 +178,6 @@ def _gather(local: tuple[list[dict[str, Any]], list[int]], info: DistInfo) -> tu
     """Every rank's (results, image ids) joined."""
     if not info.distributed:
         return local
-    import torch.distributed as dist
 
     parts: list[Any] = [None] * info.world_size
     dist.all_gather_object(parts, local)
@@ -189,8 +200,6 @@ class DetectionTask(DenseTask):
     cfg: DetectionConfig
 
     def build_datasets(self) -> tuple[Any, Any]:
-        from .data import NoMasksError
-
         self.with_masks = self.cfg.kind.replace("-", "_") == "mask_rcnn"
         try:  # a boxes-only json is refused before anything about its annotations is reported
             train_set, val_set = open_detection_data(self.cfg, masks=self.with_masks)
@@ -203,8 +212,6 @@ class DetectionTask(DenseTask):
         return train_set, val_set
 
     def build_dense_model(self) -> nn.Module:
-        from .models import build_detector
-
         cfg = self.cfg
         backbone_kwargs = self.backbone_kwargs()
         if cfg.backbone_checkpoint:
@@ -228,19 +235,13 @@ class DetectionTask(DenseTask):
         return (3, int(self.cfg.min_size[-1]), int(self.cfg.max_size))
 
     def collate_fn(self) -> Any:
-        from .data import collate_detection
-
         return collate_detection
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        from .models import detector_param_groups
-
         return detector_param_groups(model, lr, self.cfg.weight_decay, self.cfg.layer_decay)
 
     @staticmethod
     def model_from_config(config: dict[str, Any]) -> nn.Module:
-        from .models import detector_from_config
-
         return detector_from_config(config)
 
     def to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
@@ -259,7 +260,6 @@ class DetectionTask(DenseTask):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
                  amp_dtype: torch.dtype | None) -> dict[str, Any]:
         """COCO AP of ``model`` on the val split (inference form of the backbone; each rank its shard)."""
-        from .metrics import coco_evaluate
 
         was_training = model.training
         try:
@@ -315,8 +315,6 @@ def evaluate_detector(source: str | Path, data: str | Path, split: str = "val", 
     Raises:
         CheckpointError, DatasetError: unusable weights or data.
     """
-    from .data import NoMasksError, collate_detection, eval_transforms
-    from .metrics import coco_evaluate
 
     device_ = torch.device(device or "cpu")
     model = load_detector(source, device=device_)
@@ -371,11 +369,6 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
         CheckpointError: unusable weights; ImageReadError (a ValueError): an input that does not exist, a folder
             without images.
     """
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    from ...predict import expand_image_entries, report_skipped
-    from .metrics import to_coco_results
-    from .visualize import draw_detections, save_png
 
     entries = expand_image_entries(inputs, recursive=recursive)  # before loading the model: a bad input fails fast
     device_ = torch.device(device or "cpu")

@@ -216,6 +216,7 @@ def _normalisation(backbone: FasterViTBackbone) -> tuple[tuple[float, ...], tupl
 def _smp_parts() -> tuple[type, type, type, Any]:
     """smp's decoder / head classes and initialisers (imported lazily: smp is heavy)."""
     try:
+        # here, not at the top: importing smp takes seconds, and only building a segmenter needs it
         from segmentation_models_pytorch.base import SegmentationHead, initialization
         from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder

@@ -19,6 +19,7 @@ label convention is the user's ``--reduce-zero-label``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +27,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ...data import DatasetError, read_image
+from ...predict import expand_image_entries, report_skipped
 from ...train.config import option
 from ...train.distributed import DistInfo
 from ...train.engine import run_training
@@ -37,6 +42,9 @@ from ...train.loader import LoaderOptions, build_eval_loader
 from ...train.reporting import log, write_json
 from ...train.task import register_task
 from ..dense import DenseConfig, DenseTask, OutputNames, inference_copy, load_dense_model
+from .data import SegmentationFolder, collate_segmentation, eval_transforms, train_transforms
+from .metrics import SegmentationMetric
+from .visualize import overlay_mask, save_png
 
 __all__ = ["SegmentationConfig", "evaluate_segmenter", "load_segmenter", "predict_segmenter", "train_segmenter"]
 
@@ -97,7 +105,6 @@ def open_segmentation_data(cfg: SegmentationConfig) -> tuple[Any, Any]:
     Raises:
         DatasetError: missing or empty folders, splits with different class counts.
     """
-    from .data import SegmentationFolder, eval_transforms, train_transforms
 
     if not cfg.data:
         raise DatasetError("no data given: set data to a folder of image/mask pairs")
@@ -122,7 +129,6 @@ def segment_dataset(model: nn.Module, loader: Any, device: torch.device, num_cla
 
     Empty batches (``B = 0``: every pair of the batch unreadable, left out by ``collate_segmentation``) are skipped,
     so an unreadable image of an evaluation ``SegmentationFolder`` is left out, never replaced by another."""
-    from .metrics import SegmentationMetric
 
     metric = SegmentationMetric(num_classes, ignore_index, device=device)
     count = 0
@@ -138,8 +144,6 @@ def segment_dataset(model: nn.Module, loader: Any, device: torch.device, num_cla
 
 def _all_reduce(confusion: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(confusion)
     return confusion
 
@@ -181,7 +185,7 @@ class SegmentationTask(DenseTask):
         return cfg, inferred
 
     def build_dense_model(self) -> nn.Module:
-        from .models import build_segmenter
+        from .models import build_segmenter  # here: models import segmentation_models_pytorch (slow to load)
 
         cfg = self.cfg
         backbone_kwargs = self.backbone_kwargs()
@@ -196,20 +200,16 @@ class SegmentationTask(DenseTask):
         return (3, self.cfg.crop_size, self.cfg.crop_size)
 
     def collate_fn(self) -> Any:
-        import functools
-
-        from .data import collate_segmentation
-
         return functools.partial(collate_segmentation, ignore_index=self.cfg.ignore_index)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        from .models import segmenter_param_groups
+        from .models import segmenter_param_groups  # here: see build_dense_model
 
         return segmenter_param_groups(model, lr, self.cfg.weight_decay, self.cfg.layer_decay)
 
     @staticmethod
     def model_from_config(config: dict[str, Any]) -> nn.Module:
-        from .models import segmenter_from_config
+        from .models import segmenter_from_config  # here: see build_dense_model
 
         return segmenter_from_config(config)
 
@@ -294,9 +294,6 @@ def evaluate_segmenter(source: str | Path, data: str | Path, split: str = "val",
     Raises:
         CheckpointError, DatasetError: unusable weights or data.
     """
-    import functools
-
-    from .data import SegmentationFolder, collate_segmentation, eval_transforms
 
     device_ = torch.device(device or "cpu")
     model = load_segmenter(source, device=device_)
@@ -342,11 +339,6 @@ def predict_segmenter(source: str | Path, inputs: list[str | Path], output: str 
         CheckpointError: unusable weights; ImageReadError (a ValueError): an input that does not exist, a folder
             without images.
     """
-    from PIL import Image
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    from ...predict import expand_image_entries, report_skipped
-    from .visualize import overlay_mask, save_png
 
     entries = expand_image_entries(inputs, recursive=recursive)  # before loading the model: a bad input fails fast
     device_ = torch.device(device or "cpu")
