@@ -131,6 +131,27 @@ def test_no_private_name_crosses_a_module():
     assert not crossing, "\n".join(crossing)
 
 
+def test_imports_inside_functions_say_why():
+    """An import inside a function (an optional or slow dependency) carries a comment on its line, on the line above,
+    or on the comment line above the run of imports it belongs to."""
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                if not isinstance(sub, (ast.Import, ast.ImportFrom)):
+                    continue
+                first = sub.lineno - 1
+                while first > 0 and lines[first - 1].strip().startswith(("from ", "import ")):
+                    first -= 1  # the run of imports this one belongs to
+                run = lines[max(first - 1, 0):sub.end_lineno]
+                if not any("#" in line for line in run):
+                    silent.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}: {lines[sub.lineno - 1].strip()}")
+    assert not silent, "imports inside functions without a reason:\n" + "\n".join(silent)
+
+
 def test_no_module_over_700_lines():
     long = {str(path.relative_to(PACKAGE.parent)): n for path in PACKAGE.rglob("*.py")
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
