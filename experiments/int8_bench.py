@@ -37,9 +37,10 @@ from open_fastervit.bench import auto_iters, cpu_name, measure_interleaved, summ
 from open_fastervit.deploy.export import export_model
 from open_fastervit.deploy.quantize import load_quantized, quantize_model
 from open_fastervit.fused import inference_form
+from open_fastervit.inference import data_config_for
 from open_fastervit.loading import load_model
 from open_fastervit.paths import data_path
-from open_fastervit.validate import data_config_for, validate
+from open_fastervit.validate import validate
 
 FORMS = ("fp32 torch (fused)", "fp32 onnxruntime", "int8 onnxruntime")
 

@@ -13,6 +13,7 @@ from .deploy import runtimes  # noqa: F401  (registers the .onnx and .pt2 files 
 from .deploy.export import export_model, load_exported
 from .deploy.hub import push_to_hub, save_pretrained
 from .fused import inference_form
+from .inference import Predictor
 from .loading import load_model, load_official, load_official_checkpoint
 from .model import MIN_INPUT_SIZE, FasterViT
 from .serialization import CheckpointError, save_weights
@@ -28,6 +29,7 @@ __all__ = [
     "MODEL_NAMES",
     "OFFICIAL_NAMES",
     "PUBLISHED",
+    "Predictor",
     "CheckpointError",
     "checkpoint_filter_fn",
     "create_backbone",
