@@ -540,25 +540,25 @@ def test_aux_head_layout_and_inference_unchanged():
 
 
 def test_aux_loss_is_main_plus_weighted_aux_and_trains_the_head():
-    from open_fastervit.tasks.segmentation.train import SegmentationConfig, SegmentationTrainer
+    from open_fastervit.tasks.segmentation.train import SegmentationConfig, SegmentationTask
+    from open_fastervit.train.distributed import DistInfo
 
-    def trainer_for(weight: float) -> SegmentationTrainer:
-        trainer = SegmentationTrainer.__new__(SegmentationTrainer)  # only the model and loss hooks are exercised
-        trainer.cfg = SegmentationConfig(kind="upernet", model_kwargs=TINY_ARCH, decoder_channels=32, num_classes=3,
-                                         aux_loss_weight=weight)
-        trainer.device, trainer.amp_dtype = torch.device("cpu"), None
+    def task_for(weight: float) -> SegmentationTask:  # only the task's model and loss are exercised
+        cfg = SegmentationConfig(kind="upernet", model_kwargs=TINY_ARCH, decoder_channels=32, num_classes=3,
+                                 aux_loss_weight=weight)
+        task = SegmentationTask(cfg, DistInfo(torch.device("cpu")))
         torch.manual_seed(0)
-        trainer.train_model = trainer._build_model().train()
-        return trainer
+        task.train_model = task.build_dense_model().train()
+        return task
 
-    trainer = trainer_for(0.4)
+    trainer = task_for(0.4)
     model = trainer.train_model
-    assert model.aux_head is not None and trainer_for(0.0).train_model.aux_head is None
+    assert model.aux_head is not None and task_for(0.0).train_model.aux_head is None
     images = torch.rand(2, 3, 64, 80)
     targets = torch.randint(0, 3, (2, 64, 80))
     targets[:, :6] = 255
     torch.manual_seed(3)
-    loss = trainer._forward_loss(images, targets)
+    loss = trainer.loss(model, images, targets)
     torch.manual_seed(3)
     with torch.no_grad():
         logits, aux = model(images, return_aux=True)
