@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -73,3 +77,14 @@ def settings_argv(settings: dict) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def experiment_module(name: str) -> ModuleType:
+    """``experiments/NAME.py`` imported as a module (the load-test client and server helpers live there)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments"
+                                                      / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

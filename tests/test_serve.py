@@ -5,7 +5,6 @@ uvicorn process serves and survives a short load test."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import struct
 import subprocess
@@ -13,12 +12,12 @@ import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import experiment_module
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -28,19 +27,7 @@ from open_fastervit.cli.serve import build_parser
 from open_fastervit.deploy.serve import MAX_UPLOAD_BYTES, Batcher, create_app
 from open_fastervit.predict import predict
 
-
-def _experiment(name: str) -> ModuleType:
-    """``experiments/NAME.py`` imported as a module (the load-test client and server helpers live there)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments"
-                                                      / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-free_port, load_test, server_process = (getattr(_experiment("serve_load"), name)
+free_port, load_test, server_process = (getattr(experiment_module("serve_load"), name)
                                        for name in ("free_port", "load_test", "server_process"))
 
 TINY_KWARGS = dict(dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=(7, 7, 3, 3))

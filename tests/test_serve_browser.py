@@ -8,38 +8,25 @@ the test's tmp folder and copied to ``runs/serve/screenshot.png``.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import experiment_module
 from PIL import Image
 
 import open_fastervit
 from open_fastervit.paths import data_path
 from open_fastervit.predict import predict
 
-
-def _experiment(name: str) -> ModuleType:
-    """``experiments/NAME.py`` imported as a module (the load-test client and server helpers live there)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments"
-                                                      / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-free_port, server_process = (getattr(_experiment("serve_load"), name) for name in ("free_port", "server_process"))
+free_port, server_process = (getattr(experiment_module("serve_load"), name)
+                              for name in ("free_port", "server_process"))
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -55,6 +55,7 @@ from open_fastervit.bench.timing import (
     measure_interleaved,
     per_round_ratio,
     resolve_device,
+    run_settings,
     timing_fields,
 )
 from open_fastervit.deploy.quantize import load_quantized
@@ -522,15 +523,8 @@ def run_benchmark(config: BenchConfig, *, timer: Timer = time.perf_counter, prog
     import_plugins(config.imports)
     check_model_names(config.models)
     device = resolve_device(config.device)
-    threads_before, cudnn_before = torch.get_num_threads(), torch.backends.cudnn.benchmark
-    try:
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        torch.backends.cudnn.benchmark = device.type == "cuda"  # fastest conv algorithms for fixed shapes
+    with run_settings(config.threads, device):
         return _run(config, device, timer, progress)
-    finally:
-        torch.set_num_threads(threads_before)
-        torch.backends.cudnn.benchmark = cudnn_before
 
 
 def _run(config: BenchConfig, device: torch.device, timer: Timer, progress: bool) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +153,21 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for but torch.cuda.is_available() is False")
     return device
+
+
+@contextlib.contextmanager
+def run_settings(threads: int, device: torch.device) -> Iterator[None]:
+    """torch's thread count (``threads``; 0 keeps it) and ``cudnn.benchmark`` (on for CUDA: the fastest conv
+    algorithms for fixed shapes) for one benchmark run, both restored afterwards."""
+    threads_before, cudnn_before = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        yield
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.backends.cudnn.benchmark = cudnn_before
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:
