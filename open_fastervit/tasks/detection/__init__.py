@@ -48,6 +48,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from .visualize import draw_detections, save_png
 
 _EXPORTS = {
+    "DetectionConfig": "train",
+    "DetectionTask": "train",
+    "evaluate_detector": "train",
+    "load_detector": "train",
+    "predict_detector": "train",
+    "train_detector": "train",
     "DETECTOR_KINDS": "models",
     "FasterViTFPN": "models",
     "build_detector": "models",
