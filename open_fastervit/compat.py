@@ -107,6 +107,20 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         module.__spec__ = self._specs.pop(module.__spec__.name, module.__spec__)
 
+    def is_package(self, fullname: str) -> bool:
+        """Whether the module at the new path is a package (``python -m OLD`` asks)."""
+        spec = importlib.util.find_spec(_target(fullname) or fullname)
+        return spec is not None and spec.submodule_search_locations is not None
+
+    def get_code(self, fullname: str) -> object:
+        """The code of the module at the new path, so ``python -m OLD`` runs what ``python -m NEW`` runs."""
+        new = _target(fullname) or fullname
+        warnings.warn(f"{fullname} moved to {new}; run python -m {new}", DeprecationWarning, stacklevel=2)
+        spec = importlib.util.find_spec(new)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "get_code"):
+            raise ImportError(f"no code for {new}")
+        return spec.loader.get_code(new)
+
 
 def install() -> None:
     """Put the finder in front of ``sys.meta_path`` (once)."""

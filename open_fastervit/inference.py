@@ -99,9 +99,15 @@ class Predictor:
         batch_size: images per forward pass of :meth:`__call__`.
 
     Attributes:
-        model: the module that runs (on ``device``); info: what was loaded (``model.weights_info``);
-        device; amp_dtype; data_config; transform; num_classes; name (the architecture); loaded (``True`` when
-        ``source`` was not a module).
+        model: the module that runs (on ``device``).
+        info: what was loaded (``model.weights_info``).
+        device: where the model runs.
+        amp_dtype: the autocast dtype of the forward pass (``None``: float32).
+        data_config: timm's preprocessing settings (``input_size`` ``(C, H, W)`` in pixels, mean, std, crop).
+        transform: timm's evaluation transform of ``data_config`` (PIL image -> ``(C, H, W)`` float tensor).
+        num_classes: the number of outputs.
+        name: the architecture.
+        loaded: ``True`` when ``source`` was not a module (the predictor loaded it).
 
     Raises:
         CheckpointError: weights that cannot be had (offline), read or fitted; a file of an unknown type.

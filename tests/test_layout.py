@@ -201,3 +201,15 @@ def test_every_task_is_registered_with_its_config():
         assert not issubclass(task, Trainer)
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         get_task("nope")
+
+
+@pytest.mark.parametrize("module, code, words", [
+    ("open_fastervit.train", 2, "fastervit train"),  # a library package: the message names the command
+    ("open_fastervit.detection", 1, "cannot be directly executed"),  # a moved package: Python's own one line
+])
+def test_python_m_on_library_modules_says_what_to_run(module, code, words):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=300)
+    assert done.returncode == code and words in done.stderr and "Traceback" not in done.stderr
