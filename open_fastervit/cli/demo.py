@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from open_fastervit.data import DatasetError
-from open_fastervit.demos.classification import DemoConfig, run_demo
-from open_fastervit.demos.dense import DenseDemoConfig, run_dense_demo
+from open_fastervit.demos import CLASSIFICATION_MINUTES, DENSE_MINUTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny budget (under a minute): checks the pipeline")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training budget in minutes; the epochs are chosen to fit it (default "
-                        f"{DemoConfig.minutes:g} for classification, {DenseDemoConfig.minutes:g} for the others)")
+                        f"{CLASSIFICATION_MINUTES:g} for classification, {DENSE_MINUTES:g} for the others)")
     parser.add_argument("--epochs", type=int, default=None, help="a fixed number of epochs instead of --minutes")
     parser.add_argument("--no-bench", action="store_true", help="skip the speed comparison")
     parser.add_argument("--workers", "-j", type=int, default=2, help="data-loading processes (default 2)")
@@ -44,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.task != "classification":
         return _dense(args)
+    # here, after parsing: the demos load training and the benchmarks (seconds), which --help does not need
+    from open_fastervit.demos.classification import DemoConfig, run_demo
+
     cfg = DemoConfig(data=args.data, output=args.output or "demo_output", quick=args.quick, epochs=args.epochs,
-                     minutes=args.minutes or DemoConfig.minutes, bench=not args.no_bench, workers=args.workers,
+                     minutes=args.minutes or CLASSIFICATION_MINUTES, bench=not args.no_bench, workers=args.workers,
                      seed=args.seed)
     try:
         summary = run_demo(cfg)
@@ -60,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dense(args: argparse.Namespace) -> int:
     """``fastervit demo detection|segmentation``."""
+    # here, after parsing: the dense demos load detection and segmentation (seconds), which --help does not need
+    from open_fastervit.demos.dense import DenseDemoConfig, run_dense_demo
+
     cfg = DenseDemoConfig(task=args.task, data=args.data, output=args.output, quick=args.quick, epochs=args.epochs,
-                          minutes=args.minutes or DenseDemoConfig.minutes, workers=0,
+                          minutes=args.minutes or DENSE_MINUTES, workers=0,
                           seed=args.seed, backbone_checkpoint=args.backbone_checkpoint)
     try:
         facts = run_dense_demo(cfg)

@@ -4,12 +4,16 @@
   held-out photos, benchmark it and write ``REPORT.md`` (:func:`run_demo`);
 - :mod:`~open_fastervit.demos.dense`: detection (tree crowns, Faster R-CNN) or segmentation (nuclei, FPN) from
   scratch, evaluated on held-out images (:func:`run_dense_demo`).
+
+The package itself holds only the demos' defaults, so that ``fastervit demo --help`` does not load what the demos
+run (training, detection, the benchmarks).
 """
 
 from __future__ import annotations
 
-from open_fastervit.demos.classification import DEMO_MODEL, DEMO_MODEL_KWARGS, DemoConfig, Plan, plan_training, run_demo
-from open_fastervit.demos.dense import DenseDemoConfig, run_dense_demo
+__all__ = ["CLASSIFICATION_MINUTES", "DENSE_MINUTES"]
 
-__all__ = ["DEMO_MODEL", "DEMO_MODEL_KWARGS", "DemoConfig", "DenseDemoConfig", "Plan", "plan_training", "run_demo",
-           "run_dense_demo"]
+#: Default training budget of the classification demo, minutes (the epochs are chosen to fit it).
+CLASSIFICATION_MINUTES = 6.0
+#: Default training budget of the detection and segmentation demos, minutes.
+DENSE_MINUTES = 10.0

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 
 from open_fastervit import load_model, save_weights
 from open_fastervit.bench import BenchConfig, run_benchmark, write_reports
+from open_fastervit.demos import CLASSIFICATION_MINUTES
 from open_fastervit.labels import class_names_of, open_eval_dataset
 from open_fastervit.paths import data_path
 from open_fastervit.predict import Prediction, load_image, predict
@@ -64,7 +65,7 @@ class DemoConfig:
     output: str = "demo_output"
     quick: bool = False
     img_size: int = 64
-    minutes: float = 6.0  # training budget: the number of epochs is chosen to fit it (see plan_training)
+    minutes: float = CLASSIFICATION_MINUTES  # training budget: the epochs are chosen to fit it (plan_training)
     epochs: int | None = None  # fixed number of epochs instead of the budget (quick: 1)
     max_epochs: int = 40
     batch_size: int = 64

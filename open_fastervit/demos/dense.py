@@ -30,6 +30,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
 from open_fastervit.data import read_image
+from open_fastervit.demos import DENSE_MINUTES
 from open_fastervit.paths import data_path
 from open_fastervit.tasks.dense import inference_copy
 from open_fastervit.tasks.detection import CocoDetection, draw_detections
@@ -67,7 +68,7 @@ class DenseDemoConfig:
     task: str = "detection"  # or "segmentation"
     data: str | None = None  # default: trees-neon / nuclei-dsb2018 in $FASTERVIT_DATA
     output: str | None = None  # default: demo_output/<task>
-    minutes: float = 10.0  # training budget; the epochs are chosen to fit it
+    minutes: float = DENSE_MINUTES  # training budget; the epochs are chosen to fit it
     epochs: int | None = None  # a fixed number of epochs instead
     max_epochs: int = 200
     quick: bool = False
