@@ -16,7 +16,7 @@ Data layouts (``data`` = ROOT):
 
 The paper's recipe (Cascade Mask R-CNN 3x on COCO: AdamW, lr 1e-4 at batch 16, weight decay 0.05, multi-scale
 short side 480-800, 36 epochs with lr steps at 27 and 33) is ``--recipe mask_rcnn_3x_coco``, the lr scaled
-linearly to the run's global batch; see ``open_fastervit.detection.models`` for how torchvision's Mask R-CNN
+linearly to the run's global batch; see ``open_fastervit.tasks.detection.models`` for how torchvision's Mask R-CNN
 differs from the paper's Cascade head.
 """
 

@@ -7,7 +7,8 @@
 * ``SegmentationMetric``: confusion matrix -> mIoU, pixel accuracy, mean accuracy.
 * ``overlay_mask`` / ``side_by_side`` / ``save_png``: report pictures.
 
-Names are imported on first use, so ``import open_fastervit.segmentation`` does not load segmentation_models_pytorch.
+Names are imported on first use, so ``import open_fastervit.tasks.segmentation`` does not load
+segmentation_models_pytorch.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class SegmentationTask(DenseTask):
         return open_segmentation_data(self.cfg)
 
     def resolve_num_classes(self, cfg: Any) -> tuple[Any, dict[str, str]]:
-        """As ``DenseTrainer``'s, with a given ``num_classes`` checked against the labels of the train masks:
+        """As ``DenseTask``'s, with a given ``num_classes`` checked against the labels of the train masks:
         labels at or above it (their pairs were left out) are an error, a count above the labels' a warning."""
         cfg, inferred = super().resolve_num_classes(cfg)
         top = self.train_set.max_label
