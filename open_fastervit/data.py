@@ -4,7 +4,13 @@
   dataset spec (``hfds/...``, ``wds/...``, ``tfds/...``, ``torch/...``) through timm's ``create_dataset``
   and fails early, with a message, on a missing path, an empty split or a mis-shaped tree.
 * ``read_image`` is the one image decoder of the package (training, validation and ``predict``): any
-  Pillow mode becomes 8-bit RGB, with 16-bit samples scaled by 255/65535 instead of clipped to white.
+  Pillow mode becomes 8-bit RGB, with 16-bit samples scaled by 255/65535 instead of clipped to white. It refuses,
+  before decoding, images over a pixel limit (:data:`MAX_PIXELS`) and formats that Pillow decodes through an
+  external program (:data:`EXTERNAL_PROGRAM_FORMATS`, EPS through Ghostscript); ``formats`` narrows the formats
+  further (the server takes :data:`UPLOAD_FORMATS` only).
+* ``eval_transform`` is timm's evaluation transform of a data config whose resize-then-center-crop resamples only
+  the part of the image that the crop keeps, so its work is bounded by the output size and the decoded image, not
+  by the aspect ratio (an 8000 x 1 image is never resized to 256 x 2,048,000 first).
 * ``SkipUnreadable`` decodes images itself (through ``read_image``) so that a corrupt or truncated file is
   replaced by the next readable one (batch shapes stay fixed), counted in shared memory (works across loader
   workers) and reported by name at the end of each epoch.
@@ -14,26 +20,37 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from timm.data import ImageDataset, auto_augment, create_dataset
+from timm.data import ImageDataset, auto_augment, create_dataset, create_transform
+from timm.data.transforms import ResizeKeepRatio
 from torch.utils.data import Dataset, IterableDataset
+from torchvision import transforms
+from torchvision.transforms.functional import pil_modes_mapping
 
 from . import compat
 
 __all__ = [
+    "EXTERNAL_PROGRAM_FORMATS",
+    "MAX_PIXELS",
+    "UPLOAD_FORMATS",
+    "BoundedCenterCrop",
     "DatasetError",
     "ImageDecodeError",
+    "ImageFormatError",
+    "ImageTooLargeError",
     "SkipUnreadable",
     "class_names",
     "describe_data",
     "ensure_randaugment_compat",
+    "eval_transform",
     "open_dataset",
     "read_image",
 ]
@@ -52,6 +69,25 @@ class DatasetError(ValueError):
 
 class ImageDecodeError(ValueError):
     """An image file cannot be decoded, or holds samples that cannot be mapped to 8 bits; names the file."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image whose header claims more pixels than the reader's limit (refused before decoding)."""
+
+
+class ImageFormatError(ImageDecodeError):
+    """An image in a format the reader does not accept (refused before decoding); names the accepted formats."""
+
+
+#: Largest image ``read_image`` decodes by default, width x height: Pillow's own refusal limit (twice its default
+#: ``Image.MAX_IMAGE_PIXELS``; 0.54 GB as 8-bit RGB). Larger headers are refused before any pixel is decoded.
+MAX_PIXELS = 178_956_970
+#: Pillow formats that Pillow decodes by running an external program (EPS: Ghostscript, found by scanning Pillow's
+#: plugins for ``subprocess``; the other users of it only write files or are called explicitly). ``read_image``
+#: never decodes them.
+EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+#: The formats users upload: what the HTTP server (``open_fastervit.deploy.serve``) decodes; others answer 415.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 #: Pillow modes of one 16-bit unsigned sample per pixel (16-bit PNG / TIFF / PGM grayscale).
@@ -111,40 +147,205 @@ def _to_8bit(image: Image.Image, name: str) -> Image.Image:
     return image
 
 
-def read_image(source: str | os.PathLike | IO[bytes], mode: str = "RGB", *, name: str | None = None) -> Image.Image:
+def _read_formats(formats: Collection[str] | None) -> tuple[str, ...]:
+    """The Pillow format names ``read_image`` tries: ``formats`` (default: every format Pillow opens) less
+    :data:`EXTERNAL_PROGRAM_FORMATS`."""
+    if formats is None:
+        Image.init()
+        formats = Image.OPEN
+    return tuple(f.upper() for f in formats if f.upper() not in EXTERNAL_PROGRAM_FORMATS)
+
+
+def _sniff_format(source: str | os.PathLike | IO[bytes]) -> str | None:
+    """The Pillow format whose signature check accepts the first bytes of ``source`` (no plugin is run)."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            head = f.read(64)
+    else:
+        position = source.tell()
+        head = source.read(64)
+        source.seek(position)
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head):
+                return fmt
+        except Exception:  # noqa: BLE001  (a signature check that cannot judge these bytes)
+            continue
+    return None
+
+
+def read_image(
+    source: str | os.PathLike | IO[bytes], mode: str = "RGB", *, name: str | None = None,
+    max_pixels: int = MAX_PIXELS, formats: Collection[str] | None = None,
+) -> Image.Image:
     """Decode an image file completely into an 8-bit Pillow image of ``mode`` (default RGB).
 
-    Every reader of the package goes through here (training and validation datasets, ``predict``), so all
-    see the same pixels. Conversion rules: 16-bit samples (PNG/TIFF grayscale, Pillow mode ``I;16``) are
+    Every reader of the package goes through here (training and validation datasets, ``predict``, the server), so
+    all see the same pixels. Conversion rules: 16-bit samples (PNG/TIFF grayscale, Pillow mode ``I;16``) are
     scaled by 255/65535 and rounded, not clipped (Pillow's own ``convert`` turns them white); 16-bit RGB(A)
     PNGs are reduced to 8 bits by Pillow itself; 32-bit integer (``I``) and float (``F``) images are scaled
     when their values fit 0..65535 (integers) or 0..1 (floats) and refused otherwise; 1-bit, grayscale,
     palette, CMYK and YCbCr images are converted by Pillow, and alpha channels are dropped (as timm does).
     EXIF orientation is not applied (timm's datasets do not apply it either, so accuracy stays comparable).
 
+    Before any pixel is decoded, the header's size is checked against ``max_pixels`` and the format against
+    ``formats``; formats in :data:`EXTERNAL_PROGRAM_FORMATS` (EPS) are never decoded.
+
     Args:
         source: a path or a binary file object (not closed here).
         mode: Pillow mode of the result (``RGB``; ``L`` for one channel).
         name: file name for error messages (default: the path or the file object's ``name``).
+        max_pixels: largest accepted width x height (default :data:`MAX_PIXELS`; Pillow itself refuses more).
+        formats: Pillow format names to accept (e.g. :data:`UPLOAD_FORMATS`; default: every format Pillow opens
+            except :data:`EXTERNAL_PROGRAM_FORMATS`).
 
     Raises:
         FileNotFoundError: ``source`` is a path that does not exist.
+        ImageTooLargeError: the header claims more than ``max_pixels`` pixels (an ImageDecodeError).
+        ImageFormatError: a format outside ``formats`` (an ImageDecodeError naming the accepted formats).
         ImageDecodeError: the file is not an image, is corrupt or truncated, or its samples cannot be mapped
             to 8 bits; the message names the file.
     """
     name = name or _source_name(source)
+    accepted = _read_formats(formats)
     try:
-        with Image.open(source) as image:
+        with Image.open(source, formats=accepted) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(f"{name}: {width}x{height} = {width * height:,} pixels, over the limit of "
+                                         f"{max_pixels:,}")
             image.load()  # decode now: truncated files fail here, not later in a transform
             return _to_8bit(image, name).convert(mode)
     except FileNotFoundError:
         raise
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"{name}: image too large ({err})") from err
     except Image.UnidentifiedImageError as err:
+        found = _sniff_format(source)
+        if found is not None and found not in accepted:
+            shown = ", ".join(sorted(formats)) if formats is not None else "any format Pillow decodes itself"
+            raise ImageFormatError(f"{name}: {found} images are not accepted (accepted: {shown})") from err
         raise ImageDecodeError(f"{name}: not a readable image (unknown or corrupt format)") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{name}: cannot decode image ({err})") from err
+
+
+#: Widest support, in source pixels at unit scale, of Pillow's resampling filters (Lanczos: 3).
+FILTER_REACH = 3
+
+
+class BoundedCenterCrop:
+    """Resize so that the image covers ``resize`` (shortest side, as torchvision's ``Resize(int)``, or timm's
+    ``ResizeKeepRatio`` for a ``(h, w)`` target), then center-crop ``size`` ``(h, w)`` - resampling only the
+    source pixels the crop keeps.
+
+    The crop's place in source pixels is known before resizing, so Pillow resizes that box alone
+    (``Image.resize(..., box=...)``, which still reads the pixels around the box for its filter): the work is
+    bounded by the output size and the decoded image, whatever the aspect ratio. The result equals torchvision's
+    ``Resize`` then ``CenterCrop`` (including the black padding when the crop is larger than the resized image)
+    to within rounding of the box's float coordinates.
+
+    Args:
+        resize: target of the resize: an int (shortest side) or ``(h, w)`` (scale so that both sides cover it).
+        size: ``(h, w)`` of the crop, pixels.
+        interpolation: torchvision ``InterpolationMode`` of the resize.
+    """
+
+    def __init__(self, resize: int | tuple[int, int], size: tuple[int, int],
+                 interpolation: transforms.InterpolationMode) -> None:
+        self.resize = resize
+        self.size = (int(size[0]), int(size[1]))
+        self.interpolation = interpolation
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(w, h)`` of the full resized image (as torchvision / timm compute it)."""
+        if isinstance(self.resize, int):
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = self.resize, int(self.resize * long / short)
+            return (new_short, new_long) if width <= height else (new_long, new_short)
+        ratio = min(height / self.resize[0], width / self.resize[1])  # ResizeKeepRatio, longest=0
+        return round(width / ratio), round(height / ratio)
+
+    @staticmethod
+    def _axis(length: int, crop: int) -> tuple[int, int, int]:
+        """Along one axis of the resized image: (first kept pixel, end, offset of it in the crop)."""
+        start = -((crop - length) // 2) if crop > length else int(round((length - crop) / 2.0))
+        first, end = max(start, 0), min(start + crop, length)
+        return first, end, first - start
+
+    def _resample(self, image: Image.Image, resized: tuple[int, int], region: tuple[int, int, int, int]) -> Image.Image:
+        """Pixels ``region`` (x0, y0, x1, y1) of ``image`` resized to ``resized`` ``(w, h)``, computed as Pillow's full
+        resize computes them: a horizontal pass, then a vertical one, each rounded to 8 bits (the order matters where
+        the filter overshoots and clips). The horizontal pass runs on the rows the vertical filter reads only (a box
+        of unit vertical scale at whole rows, which leaves them as they are)."""
+        width, height = image.size
+        x0, y0, x1, y1 = region
+        sx, sy = width / resized[0], height / resized[1]
+        resample = pil_modes_mapping[self.interpolation]
+        reach = FILTER_REACH * max(sy, 1.0) + 2  # source rows the vertical filter may read around the region
+        r0, r1 = max(0, math.floor(y0 * sy - reach)), min(height, math.ceil(y1 * sy + reach))
+        rows = image.resize((x1 - x0, r1 - r0), resample, box=(x0 * sx, r0, x1 * sx, r1))
+        return rows.resize((x1 - x0, y1 - y0), resample, box=(0, y0 * sy - r0, x1 - x0, y1 * sy - r0))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """PIL image -> PIL image of ``size`` ``(h, w)``."""
+        width, height = image.size
+        new_w, new_h = self.resized_size(width, height)
+        crop_h, crop_w = self.size
+        x0, x1, paste_x = self._axis(new_w, crop_w)
+        y0, y1, paste_y = self._axis(new_h, crop_h)
+        if (new_w, new_h) == (width, height):
+            region = image.crop((x0, y0, x1, y1))
+        else:
+            region = self._resample(image, (new_w, new_h), (x0, y0, x1, y1))
+        if region.size == (crop_w, crop_h):
+            return region
+        canvas = Image.new(image.mode, (crop_w, crop_h))
+        canvas.paste(region, (paste_x, paste_y))
+        return canvas
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(resize={self.resize}, size={self.size}, interpolation={self.interpolation.value})"
+
+
+def eval_transform(data_config: Mapping[str, Any]) -> transforms.Compose:
+    """timm's evaluation transform of ``data_config`` (``create_transform(**data_config)``: resize, center crop,
+    to tensor, normalise) with a bounded resize: for the center crop mode (timm's default), its leading
+    ``Resize`` + ``CenterCrop`` are replaced by :class:`BoundedCenterCrop`, which gives the same pixels but
+    resamples only the region the crop keeps. The ``squash`` and ``border`` modes resize to the target size
+    directly and are kept as they are.
+
+    Args:
+        data_config: timm's data config (``input_size`` ``(C, H, W)`` pixels, ``interpolation``, ``mean``, ``std``,
+            ``crop_pct``, ``crop_mode``), e.g. from ``timm.data.resolve_data_config``.
+
+    Returns:
+        PIL image -> ``(C, H, W)`` float32 tensor, normalised.
+    """
+    config = {k: v for k, v in data_config.items() if k != "is_training"}
+    transform = create_transform(**config, is_training=False)
+    steps = list(transform.transforms)
+    if (config.get("crop_mode") in (None, "center") and len(steps) >= 2
+            and isinstance(steps[0], (transforms.Resize, ResizeKeepRatio))
+            and isinstance(steps[1], transforms.CenterCrop)
+            and getattr(steps[0], "max_size", None) is None):
+        first = steps[0]
+        if isinstance(first, transforms.Resize):
+            resize = first.size if isinstance(first.size, int) else first.size[0]
+            if not isinstance(first.size, int) and len(first.size) != 1:
+                return transform
+        else:
+            if first.longest != 0 or first.random_scale_prob or first.random_aspect_prob:
+                return transform
+            resize = tuple(first.size)
+        crop = tuple(steps[1].size)
+        steps[:2] = [BoundedCenterCrop(resize, (crop[0], crop[-1]), first.interpolation)]
+        transform = transforms.Compose(steps)
+    return transform
 
 
 def _is_spec(data: str) -> bool:

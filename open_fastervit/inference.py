@@ -17,7 +17,8 @@ What it does, in order:
    (:func:`open_fastervit.fused.inference_form`) unless ``fuse=False``;
 3. **data config**: :func:`data_config_for`: the model's pretrained cfg, then the file's stored preprocessing,
    then the caller's overrides;
-4. **transform**: timm's evaluation transform of that config (resize, crop, normalise);
+4. **transform**: timm's evaluation transform of that config (resize, crop, normalise), resampling only the
+   cropped region (:func:`open_fastervit.data.eval_transform`);
 5. **batched forward** on ``device`` (default: CUDA when visible) under the precision ``amp``
    (``"none"``/``"fp32"``, ``"bf16"``, ``"fp16"``: :mod:`open_fastervit.runtime`), in ``inference_mode``;
 6. **outputs**: float32 logits, probabilities, or the top-k classes with their names
@@ -34,10 +35,10 @@ from typing import Any, Union
 
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 from torch import Tensor, nn
 
-from .data import read_image
+from .data import eval_transform, read_image
 from .fused import inference_form
 from .labels import resolve_class_names
 from .loading import DEFAULT_MODEL, load_model
@@ -104,14 +105,16 @@ class Predictor:
         device: where the model runs.
         amp_dtype: the autocast dtype of the forward pass (``None``: float32).
         data_config: timm's preprocessing settings (``input_size`` ``(C, H, W)`` in pixels, mean, std, crop).
-        transform: timm's evaluation transform of ``data_config`` (PIL image -> ``(C, H, W)`` float tensor).
+        transform: the evaluation transform of ``data_config`` (:func:`open_fastervit.data.eval_transform`: PIL image
+            -> ``(C, H, W)`` float tensor).
         num_classes: the number of outputs.
         name: the architecture.
         loaded: ``True`` when ``source`` was not a module (the predictor loaded it).
 
     Raises:
         CheckpointError: weights that cannot be had (offline), read or fitted; a file of an unknown type.
-        ValueError: unknown model name, bad architecture arguments, device, precision or batch size.
+        ValueError: unknown model name, bad architecture arguments, device, precision, batch size, ``img_size`` < 1 or
+            ``crop_pct`` outside (0, 1].
     """
 
     def __init__(
@@ -134,6 +137,10 @@ class Predictor:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if img_size is not None and img_size < 1:
+            raise ValueError(f"img_size must be >= 1 (pixels), got {img_size}")
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.device = resolve_device(device)
         self.amp_dtype = amp if isinstance(amp, torch.dtype) else amp_dtype(amp)
         self.loaded = not isinstance(source, nn.Module)
@@ -150,7 +157,7 @@ class Predictor:
         self.model = model
         self.data_config = data_config_for(model, self.info, img_size=img_size, crop_pct=crop_pct,
                                            crop_mode=crop_mode, interpolation=interpolation)
-        self.transform = create_transform(**self.data_config)
+        self.transform = eval_transform(self.data_config)
         self.num_classes = int(model.num_classes)
         self.name = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture")
                         or self.info.get("architecture") or type(model).__name__)

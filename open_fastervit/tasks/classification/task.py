@@ -16,7 +16,7 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from ...data import DatasetError, class_names, describe_data, ensure_randaugment_compat, open_dataset
+from ...data import DatasetError, class_names, describe_data, ensure_randaugment_compat, eval_transform, open_dataset
 from ...loading import load_model
 from ...train.distributed import reduce_sums
 from ...train.loader import subset_indices
@@ -60,10 +60,7 @@ def classification_transforms(cfg: TrainConfig, model: nn.Module) -> tuple[Any, 
         interpolation=interpolation,
         mean=data_cfg["mean"], std=data_cfg["std"], re_prob=cfg.reprob or 0.0, re_mode=cfg.remode, re_count=cfg.recount,
     )
-    eval_tf = create_transform(
-        data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
-        std=data_cfg["std"], crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg.get("crop_mode"),
-    )
+    eval_tf = eval_transform(data_cfg)  # timm's, resampling only the cropped region
     return train_tf, eval_tf, data_cfg
 
 
