@@ -10,7 +10,62 @@ from typing import Any
 from open_fastervit.loading import DEFAULT_MODEL, architecture_name
 from open_fastervit.runtime import AMP_CHOICES, DEPRECATED_AMP
 
-__all__ = ["AMP_CHOICES", "add_model_args", "amp_word", "json_dict", "model_call_args", "random_weights_note"]
+__all__ = [
+    "AMP_CHOICES",
+    "add_model_args",
+    "amp_word",
+    "json_dict",
+    "model_call_args",
+    "port_number",
+    "positive_float",
+    "positive_int",
+    "random_weights_note",
+]
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 given on the command line (argparse names the option in its error).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or < 1.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 given on the command line (seconds, sizes; argparse names the option in its error).
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or not > 0.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1-65535, given on the command line.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or outside 1-65535.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in 1-65535")
+    return value
 
 
 def amp_word(text: str, option: str = "--amp") -> str:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from open_fastervit.cli._common import json_dict, random_weights_note
+from open_fastervit.cli._common import json_dict, port_number, positive_float, positive_int, random_weights_note
 from open_fastervit.loading import DEFAULT_MODEL
 
 
@@ -31,21 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use the raw weights of a training checkpoint instead of its EMA weights")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false",
                         help="run the model as built instead of its fused inference form (same outputs, slower)")
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: from the model cfg)")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="input size (default: from the model cfg)")
     parser.add_argument("--classes", default=None,
                         help="class names: a text file (one per line) or the training dataset folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--topk", "-k", type=int, default=5, help="labels per answer (default 5)")
+    parser.add_argument("--topk", "-k", type=positive_int, default=5, help="labels per answer (default 5)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--max-batch", type=int, default=16,
+    parser.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default 8000)")
+    parser.add_argument("--timeout", type=positive_float, default=30.0,
+                        help="seconds a connection may take to send a request's headers or each part of its body "
+                        "(408), and may stay idle between requests (default 30)")
+    parser.add_argument("--max-batch", type=positive_int, default=16,
                         help="most concurrent requests run in one forward pass (default 16; 1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long a request may wait for others to join its batch (default 10 ms)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads of the forward pass (default: torch's; 1 suits a busy machine)")
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
-    parser.add_argument("--max-pixels", type=int, default=None,
+    parser.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest upload in MB (default 20)")
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="largest image, width x height (default 50,000,000)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn log level (default info)")
@@ -59,16 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.topk < 1 or args.max_upload_mb <= 0:
-        parser.error("--max-batch and --topk must be >= 1, --max-wait-ms >= 0 and --max-upload-mb > 0")
+    if args.max_wait_ms < 0:
+        parser.error(f"argument --max-wait-ms: {args.max_wait_ms:g} must be >= 0")
     random_weights_note("serve", args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model = load_for_serving(args.model, architecture=args.architecture, model_kwargs=args.model_kwargs,
                                  use_ema=not args.raw, pretrained=not args.random_weights, fuse=args.fuse)
-        serve(model, host=args.host, port=args.port, log_level=args.log_level, classes=args.classes,
-              topk=args.topk, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, img_size=args.img_size,
+        serve(model, host=args.host, port=args.port, log_level=args.log_level, timeout=args.timeout,
+              classes=args.classes, topk=args.topk, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+              img_size=args.img_size,
               device=args.device, max_upload_bytes=int(args.max_upload_mb * 2**20),
               max_pixels=args.max_pixels or MAX_PIXELS)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError; raised before serving starts
