@@ -157,21 +157,25 @@ def _read_formats(formats: Collection[str] | None) -> tuple[str, ...]:
 
 
 def _sniff_format(source: str | os.PathLike | IO[bytes]) -> str | None:
-    """The Pillow format whose signature check accepts the first bytes of ``source`` (no plugin is run)."""
+    """The Pillow format of ``source``: the format whose header parser accepts it (header only, nothing decoded),
+    else an :data:`EXTERNAL_PROGRAM_FORMATS` format whose signature matches (its plugin is not run); ``None``."""
+    if not isinstance(source, (str, os.PathLike)):
+        source.seek(0)  # where Image.open reads the header
+    try:
+        with Image.open(source, formats=_read_formats(None)) as image:
+            return image.format
+    except Exception:  # noqa: BLE001  (unknown to every plugin that decodes by itself)
+        pass
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             head = f.read(64)
     else:
-        position = source.tell()
+        source.seek(0)
         head = source.read(64)
-        source.seek(position)
-    Image.init()
-    for fmt, (_, accept) in Image.OPEN.items():
-        try:
-            if accept is not None and accept(head):
-                return fmt
-        except Exception:  # noqa: BLE001  (a signature check that cannot judge these bytes)
-            continue
+    for fmt in sorted(EXTERNAL_PROGRAM_FORMATS):
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        if accept is not None and accept(head):
+            return fmt
     return None
 
 

@@ -1,0 +1,299 @@
+"""Untrusted input: the evaluation transform's work is bounded whatever the aspect ratio (and its pixels are timm's),
+``read_image`` refuses over-limit headers and external-program formats before decoding, the server answers 415 for
+formats users do not upload, times out stalled connections, logs a dropped client in one line, serves its API pages
+without any other host, and the options that cannot work are refused with their own names."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import EpsImagePlugin, Image
+from test_serve import IMG_SIZE, free_port, png_header, tiny_model
+from timm.data import create_transform
+
+from open_fastervit.cli._common import positive_int
+from open_fastervit.cli.serve import build_parser
+from open_fastervit.data import (
+    UPLOAD_FORMATS,
+    ImageFormatError,
+    ImageTooLargeError,
+    eval_transform,
+    read_image,
+)
+from open_fastervit.deploy.serve import TimedH11Protocol, create_app
+from open_fastervit.inference import Predictor
+
+DATA = os.environ.get("FASTERVIT_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+CONFIGS = [
+    dict(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic"),
+    dict(input_size=(3, 64, 64), crop_pct=1.0, interpolation="bilinear"),
+    dict(input_size=(3, 48, 80), crop_pct=0.9, interpolation="bicubic"),  # non-square: timm's ResizeKeepRatio
+]
+#: A minimal EPS file: Pillow identifies it from the header, and would hand it to Ghostscript to decode.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_model()
+
+
+def encoded(fmt: str, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:
+    """A random image of ``size`` (w, h) saved by Pillow in ``fmt``."""
+    pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def tensor_config(config: dict) -> dict:
+    return dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_mode="center", **config)
+
+
+def test_eval_transform_equals_timms_on_photos_and_odd_sizes():
+    """Photos: identical or within 1/255 of timm's ``create_transform``; random noise (worst case for the resampling
+    filter's overshoot), odd sizes, up- and down-scaling, crops larger than the resized image: within 2/255."""
+    photos = sorted(glob.glob(os.path.join(DATA, "imagenet-stubs", "*.jpg")))[:4]
+    assert photos, f"no test photos under {DATA}/imagenet-stubs"
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+             for w, h in [(640, 480), (481, 353), (224, 224), (255, 257), (1001, 31), (31, 1001), (17, 19), (3, 500)]]
+    for config in CONFIGS:
+        ref, ours = create_transform(**tensor_config(config)), eval_transform(tensor_config(config))
+        assert "BoundedCenterCrop" in repr(ours)
+        for path in photos:
+            image = read_image(path)
+            for picture in (image, image.resize((image.width * 3 // 2 + 1, image.height))):
+                a, b = ref(picture), ours(picture)
+                assert a.shape == b.shape == (3, *config["input_size"][1:])
+                assert (a - b).abs().max().item() * 255 <= 1 + 1e-4, (path, config)
+        for picture in noise:
+            a, b = ref(picture), ours(picture)
+            assert a.shape == b.shape
+            assert (a - b).abs().max().item() * 255 <= 2 + 1e-4, (picture.size, config)
+
+
+def test_eval_transform_work_is_bounded_for_extreme_aspect_ratios():
+    """8000x1, 100000x1 and 1x100000 images: the whole evaluation transform at 224 px takes well under a second (timm's
+    transform resizes 8000x1 to 2,048,000x256 first: 5.6 s and 2.2 GB in the reported fault)."""
+    transform = eval_transform(tensor_config(CONFIGS[0]))
+    for size in [(8000, 1), (100000, 1), (1, 100000)]:
+        image = Image.new("RGB", size, (200, 10, 10))
+        start = time.perf_counter()
+        out = transform(image)
+        assert time.perf_counter() - start < 1.0, size
+        assert out.shape == (3, 224, 224)
+        assert torch.allclose(out[:, 112, 112], torch.tensor([200, 10, 10]) / 255, atol=1 / 255)
+
+
+def test_predictor_peak_memory_is_bounded_for_long_thin_images(tmp_path):
+    """In a fresh process: the peak RSS grows by under 150 MB, and the three images take under 10 s, when a Predictor
+    (default 224 px, crop 0.875) reads and classifies 8000x1, 100000x1 and 1x100000 PNGs (86-byte-scale files)."""
+    paths = []
+    for w, h in [(8000, 1), (100000, 1), (1, 100000)]:
+        paths.append(tmp_path / f"{w}x{h}.png")
+        Image.new("RGB", (w, h), (0, 128, 255)).save(paths[-1])
+    script = textwrap.dedent(f"""
+        import resource, sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from PIL import Image
+        from test_serve import tiny_model
+        from open_fastervit.inference import Predictor
+        predictor = Predictor(tiny_model(), device="cpu")
+        predictor([Image.new("RGB", (300, 200))])  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        tops = predictor({[str(p) for p in paths]!r}, topk=1)
+        print(len(tops), time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    count, seconds, growth_mb = run.stdout.split()
+    assert int(count) == 3
+    assert float(seconds) < 10, seconds
+    assert float(growth_mb) < 150, growth_mb
+
+
+def test_read_image_refuses_over_limit_headers_and_external_program_formats(monkeypatch, tmp_path):
+    with pytest.raises(ImageTooLargeError, match=r"30000x30000 = 900,000,000 pixels|too large"):
+        read_image(io.BytesIO(png_header(30000, 30000)), name="bomb.png")
+    with pytest.raises(ImageTooLargeError, match=r"bomb.png: 5000x5000 = 25,000,000 pixels, over the limit of 1,000,000"):
+        read_image(io.BytesIO(png_header(5000, 5000)), name="bomb.png", max_pixels=1_000_000)
+
+    def no_ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was invoked")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(EPS)
+    with pytest.raises(ImageFormatError, match="drawing.eps: EPS images are not accepted"):
+        read_image(eps)
+    with pytest.raises(ImageFormatError, match=r"PPM images are not accepted \(accepted: BMP, GIF, JPEG, PNG, TIFF"):
+        read_image(io.BytesIO(encoded("PPM")), formats=UPLOAD_FORMATS)
+    assert read_image(io.BytesIO(encoded("PPM"))).size == (40, 30)  # local files: any format Pillow decodes itself
+
+
+def test_server_accepts_the_upload_formats_and_answers_415_for_others(model, monkeypatch):
+    def no_ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was invoked")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    accepted = {fmt: encoded(fmt) for fmt in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")}
+    assert sorted(accepted) == sorted(UPLOAD_FORMATS)
+    refused = {"EPS": EPS, "ICO": encoded("ICO", (32, 32)), "PPM": encoded("PPM"), "TGA": encoded("TGA")}
+    long_thin = {f"{w}x{h}": encoded("PNG", (w, h)) for w, h in [(8000, 1), (100000, 1), (1, 100000)]}
+    app = create_app(model, device="cpu", img_size=IMG_SIZE)
+    with TestClient(app) as client:
+        for fmt, data in {**accepted, **long_thin}.items():
+            answer = client.post("/predict", files={"file": (f"x.{fmt.lower()}", data)})
+            assert answer.status_code == 200, (fmt, answer.text)
+            assert len(answer.json()["labels"]) == 5
+        for fmt, data in refused.items():
+            answer = client.post("/predict", content=data)
+            assert answer.status_code == 415, (fmt, answer.text)
+            assert answer.json()["detail"] == (f"upload: {fmt} images are not accepted "
+                                               "(accepted: BMP, GIF, JPEG, PNG, TIFF, WEBP)")
+
+
+def test_api_pages_load_nothing_from_other_hosts(model):
+    app = create_app(model, device="cpu", img_size=IMG_SIZE)
+    with TestClient(app) as client:
+        for page, asset in [("/docs", "/docs-static/swagger-ui-bundle.js"), ("/redoc", "/docs-static/redoc.standalone.js")]:
+            html = client.get(page)
+            assert html.status_code == 200
+            assert "http://" not in html.text and "https://" not in html.text, html.text
+            assert asset in html.text
+            assert client.get(asset).status_code == 200
+        assert client.get("/docs-static/swagger-ui.css").status_code == 200
+        assert client.get("/openapi.json").json()["paths"]["/predict"]
+
+
+class Server:
+    """uvicorn serving ``app`` in a thread (the protocol ``serve`` uses), its log records kept in ``records``."""
+
+    def __init__(self, app, timeout: float) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, log_level="info",
+                                http=TimedH11Protocol, timeout_keep_alive=timeout)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+
+@pytest.fixture()
+def records() -> Iterator[list[logging.LogRecord]]:
+    """Every log record of the server (ours, uvicorn's, asyncio's) during the test."""
+    kept: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = kept.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old = root.level
+    root.setLevel(logging.INFO)
+    yield kept
+    root.removeHandler(handler)
+    root.setLevel(old)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes ``sock`` (reads until EOF); fails past ``seconds``."""
+    start = time.time()
+    sock.settimeout(seconds)
+    while sock.recv(65536):
+        pass
+    return time.time() - start
+
+
+PARTIAL_UPLOAD = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+                  + b"\x89PNG" + b"\0" * 1000)
+
+
+def test_dropped_clients_log_one_line_each_and_stalled_connections_are_closed(model, records):
+    app = create_app(model, device="cpu", img_size=IMG_SIZE, timeout=1.0)
+    with Server(app, timeout=1.0) as server:
+        for _ in range(3):  # a client that sends its headers and part of its body, then drops the connection
+            sock = server.connect()
+            sock.sendall(PARTIAL_UPLOAD)
+            time.sleep(0.2)
+            sock.close()
+        time.sleep(0.5)
+        dropped = [r for r in records if "dropped the connection" in r.getMessage()]
+        assert len(dropped) == 3, [r.getMessage() for r in records]
+        assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+
+        stalled_body = server.connect()  # headers and part of a body, then nothing: 408, connection closed
+        stalled_body.sendall(PARTIAL_UPLOAD)
+        stalled_headers = server.connect()  # half a request line, then nothing: closed
+        stalled_headers.sendall(b"POST /pred")
+        silent = server.connect()  # nothing at all: closed
+        start = time.time()
+        answer = b""
+        stalled_body.settimeout(5)
+        while chunk := stalled_body.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"no data for 1 s" in answer
+        for sock in (stalled_body, stalled_headers, silent):
+            closed_within(sock, 5)
+            sock.close()
+        assert time.time() - start < 4
+        assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+
+
+def test_bad_sizes_and_options_are_refused_with_their_names(model, capsys):
+    for kwargs, words in [(dict(img_size=0), "img_size must be >= 1"), (dict(img_size=-5), "img_size must be >= 1"),
+                          (dict(crop_pct=0.0), r"crop_pct must be in \(0, 1\]"),
+                          (dict(crop_pct=1.5), r"crop_pct must be in \(0, 1\]"),
+                          (dict(batch_size=0), "batch_size must be >= 1")]:
+        with pytest.raises(ValueError, match=words):
+            Predictor(model, device="cpu", **kwargs)
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        create_app(model, device="cpu", timeout=0)
+    for argv, words in [(["--img-size", "0"], "argument --img-size: '0' must be >= 1"),
+                        (["--img-size", "-3"], "argument --img-size: '-3' must be >= 1"),
+                        (["--port", "0"], "argument --port: '0' must be in 1-65535"),
+                        (["--port", "65536"], "argument --port: '65536' must be in 1-65535"),
+                        (["--timeout", "0"], "argument --timeout: '0' must be > 0"),
+                        (["--timeout", "-1"], "argument --timeout: '-1' must be > 0"),
+                        (["--max-batch", "0"], "argument --max-batch: '0' must be >= 1")]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        assert words in capsys.readouterr().err, argv
+    args = build_parser().parse_args(["--timeout", "2.5", "--port", "65535", "--img-size", "32"])
+    assert (args.timeout, args.port, args.img_size) == (2.5, 65535, 32)
+    assert build_parser().parse_args([]).timeout == 30.0
+    assert positive_int("7") == 7
+    for text, words in [("0", "'0' must be >= 1"), ("x", "expected an integer, got 'x'")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=words):
+            positive_int(text)
