@@ -11,9 +11,6 @@ import io
 import logging
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -101,38 +98,40 @@ def test_eval_transform_work_is_bounded_for_extreme_aspect_ratios():
         assert torch.allclose(out[:, 112, 112], torch.tensor([200, 10, 10]) / 255, atol=1 / 255)
 
 
-def test_predictor_peak_memory_is_bounded_for_long_thin_images(tmp_path):
-    """In a fresh process: the peak RSS grows by under 150 MB, and the three images take under 10 s, when a Predictor
-    (default 224 px, crop 0.875) reads and classifies 8000x1, 100000x1 and 1x100000 PNGs (86-byte-scale files)."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``) in MB."""
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def test_predictor_peak_memory_is_bounded_for_long_thin_images(model, tmp_path):
+    """The peak RSS grows by under 150 MB, and the three images take under 10 s, when a Predictor (default 224 px,
+    crop 0.875) reads and classifies 8000x1, 100000x1 and 1x100000 PNGs (the peak is reset first through
+    ``/proc/self/clear_refs``; timm's transform took 2.2 GB for the 8000x1 image alone)."""
     paths = []
     for w, h in [(8000, 1), (100000, 1), (1, 100000)]:
         paths.append(tmp_path / f"{w}x{h}.png")
         Image.new("RGB", (w, h), (0, 128, 255)).save(paths[-1])
-    script = textwrap.dedent(f"""
-        import resource, sys, time
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from PIL import Image
-        from test_serve import tiny_model
-        from open_fastervit.inference import Predictor
-        predictor = Predictor(tiny_model(), device="cpu")
-        predictor([Image.new("RGB", (300, 200))])  # warm up
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
-        tops = predictor({[str(p) for p in paths]!r}, topk=1)
-        print(len(tops), time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-    """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    count, seconds, growth_mb = run.stdout.split()
-    assert int(count) == 3
-    assert float(seconds) < 10, seconds
-    assert float(growth_mb) < 150, growth_mb
+    predictor = Predictor(model, device="cpu")
+    predictor([Image.new("RGB", (300, 200))])  # warm up
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # peak RSS := current RSS
+    except OSError:
+        pytest.skip("this kernel does not let a process reset its peak memory (/proc/self/clear_refs)")
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    tops = predictor(paths, topk=1)
+    seconds, growth = time.perf_counter() - start, peak_rss_mb() - before
+    assert len(tops) == 3
+    assert seconds < 10, seconds
+    assert growth < 150, f"peak memory grew by {growth:.0f} MB"
 
 
 def test_read_image_refuses_over_limit_headers_and_external_program_formats(monkeypatch, tmp_path):
-    with pytest.raises(ImageTooLargeError, match=r"30000x30000 = 900,000,000 pixels|too large"):
+    with pytest.raises(ImageTooLargeError, match="bomb.png: image too large"):  # past Pillow's own limit
         read_image(io.BytesIO(png_header(30000, 30000)), name="bomb.png")
-    with pytest.raises(ImageTooLargeError, match=r"bomb.png: 5000x5000 = 25,000,000 pixels, over the limit of 1,000,000"):
+    with pytest.raises(ImageTooLargeError, match="5000x5000 = 25,000,000 pixels, over the limit of 1,000,000"):
         read_image(io.BytesIO(png_header(5000, 5000)), name="bomb.png", max_pixels=1_000_000)
 
     def no_ghostscript(*args, **kwargs):
@@ -173,7 +172,8 @@ def test_server_accepts_the_upload_formats_and_answers_415_for_others(model, mon
 def test_api_pages_load_nothing_from_other_hosts(model):
     app = create_app(model, device="cpu", img_size=IMG_SIZE)
     with TestClient(app) as client:
-        for page, asset in [("/docs", "/docs-static/swagger-ui-bundle.js"), ("/redoc", "/docs-static/redoc.standalone.js")]:
+        pages = [("/docs", "/docs-static/swagger-ui-bundle.js"), ("/redoc", "/docs-static/redoc.standalone.js")]
+        for page, asset in pages:
             html = client.get(page)
             assert html.status_code == 200
             assert "http://" not in html.text and "https://" not in html.text, html.text
