@@ -297,3 +297,22 @@ def test_bad_sizes_and_options_are_refused_with_their_names(model, capsys):
     for text, words in [("0", "'0' must be >= 1"), ("x", "expected an integer, got 'x'")]:
         with pytest.raises(argparse.ArgumentTypeError, match=words):
             positive_int(text)
+
+
+def test_detector_refuses_images_its_resize_would_squeeze_to_nothing():
+    """torchvision's detection transform bounds the work (short side to min_size, long side <= max_size) but squeezes
+    1 x 8000 to 0 x 192 pixels and fails deep inside; the predict path refuses it first with a message (skipped)."""
+    from test_detection import tiny_detector
+
+    from open_fastervit.tasks.detection.train import check_detector_input
+
+    detector = tiny_detector("faster_rcnn").eval()
+    size = (detector.transform.min_size[-1], detector.transform.max_size)
+    for h, w in [(1, 8000), (8000, 1), (2, 8000)]:
+        with pytest.raises(ValueError, match=rf"long.jpg: {w}x{h} pixels is too elongated to detect on"):
+            check_detector_input(detector, torch.zeros(3, h, w), "long.jpg")
+    for h, w in [(40, 60), (1, 8), (60, 8000)]:  # max_size 192: 60 x 8000 keeps 1.44 px
+        image = torch.rand(3, h, w)
+        check_detector_input(detector, image, "fine.jpg")
+        with torch.no_grad():
+            assert set(detector([image])[0]) >= {"boxes", "scores", "labels"}, (h, w, size)

@@ -349,6 +349,28 @@ def set_score_threshold(detector: nn.Module, threshold: float) -> None:
 
 
 @torch.inference_mode()
+def check_detector_input(detector: nn.Module, image: torch.Tensor, name: str) -> None:
+    """Refuse an image that the detector's own resize would squeeze to nothing.
+
+    torchvision's detection transform (``detector.transform``) scales the short side to ``min_size`` and caps the
+    long side at ``max_size``, so its work is bounded whatever the input; but a very elongated image (1 x 8000) then
+    gets a side of 0 pixels and torchvision fails deep inside. Checked before the forward pass.
+
+    Raises:
+        ValueError: a side of ``image`` ``(C, H, W)`` would be resized below 1 pixel; the message names ``name``.
+    """
+    transform = getattr(detector, "transform", None)
+    if transform is None:
+        return
+    height, width = (int(n) for n in image.shape[-2:])
+    short, long = min(height, width), max(height, width)
+    scale = min(float(transform.min_size[-1]) / short, float(transform.max_size) / long)
+    if int(short * scale) < 1:
+        raise ValueError(f"{name}: {width}x{height} pixels is too elongated to detect on: the detector resizes its "
+                         f"long side to at most {transform.max_size} px, which leaves {short * scale:.2f} px for the "
+                         "short side")
+
+
 def predict_detector(source: str | Path, inputs: list[str | Path], output: str | Path, *,
                      score_threshold: float = 0.5, recursive: bool = False,
                      on_error: Callable[[Path, str], Any] | None = None, device: str | None = None,
@@ -387,6 +409,7 @@ def predict_detector(source: str | Path, inputs: list[str | Path], output: str |
     for image_id, (path, relative) in enumerate(entries, start=1):
         try:
             image = pil_to_tensor(read_image(path)).float().div(255)
+            check_detector_input(model, image, str(path))
             output_ = runner([image.to(device_)])[0]
         except (ValueError, FileNotFoundError) as err:  # ImageDecodeError, too small an image
             report_skipped(path, err, skipped, on_error, logger)
