@@ -239,6 +239,11 @@ def read_image(
 
 #: Widest support, in source pixels at unit scale, of Pillow's resampling filters (Lanczos: 3).
 FILTER_REACH = 3
+#: Largest intermediate image (pixels) and resized side (pixels) for which the resize runs its passes over their full
+#: extent (exact pixels); past either, it resamples boxes (bounded work). 4 M pixels: 16 MB in Pillow's 4-byte RGB;
+#: 65536 pixels of side: 4 MB of Pillow's filter coefficients per pass.
+EXACT_RESAMPLE_PIXELS = 4 * 2**20
+EXACT_RESAMPLE_SIDE = 2**16
 
 
 class BoundedCenterCrop:
@@ -283,12 +288,24 @@ class BoundedCenterCrop:
     def _resample(self, image: Image.Image, resized: tuple[int, int], region: tuple[int, int, int, int]) -> Image.Image:
         """Pixels ``region`` (x0, y0, x1, y1) of ``image`` resized to ``resized`` ``(w, h)``, computed as Pillow's full
         resize computes them: a horizontal pass, then a vertical one, each rounded to 8 bits (the order matters where
-        the filter overshoots and clips). The horizontal pass runs on the rows the vertical filter reads only (a box
-        of unit vertical scale at whole rows, which leaves them as they are)."""
+        the filter overshoots and clips).
+
+        While the horizontal pass over all rows and the vertical pass over the kept columns stay under
+        :data:`EXACT_RESAMPLE_PIXELS` (and the resized sides under :data:`EXACT_RESAMPLE_SIDE`), both run over their
+        full extent, giving Pillow's pixels exactly (every ordinary photo). Otherwise (long thin images) each pass
+        resamples a box: the horizontal pass only the rows the vertical filter reads (a box of unit vertical scale at
+        whole rows, which leaves them as they are), the vertical pass only the kept rows; Pillow takes box corners as
+        32-bit floats, so a few values may differ by
+        1/255 (2/255 on noise)."""
         width, height = image.size
         x0, y0, x1, y1 = region
         sx, sy = width / resized[0], height / resized[1]
         resample = pil_modes_mapping[self.interpolation]
+        if (max(resized) <= EXACT_RESAMPLE_SIDE
+                and resized[0] * height + (x1 - x0) * resized[1] <= EXACT_RESAMPLE_PIXELS):
+            # cheap enough to resample the full extent of each pass: Pillow's own passes, bit for bit
+            columns = image.resize((resized[0], height), resample).crop((x0, 0, x1, height))
+            return columns.resize((x1 - x0, resized[1]), resample).crop((0, y0, x1 - x0, y1))
         reach = FILTER_REACH * max(sy, 1.0) + 2  # source rows the vertical filter may read around the region
         r0, r1 = max(0, math.floor(y0 * sy - reach)), min(height, math.ceil(y1 * sy + reach))
         rows = image.resize((x1 - x0, r1 - r0), resample, box=(x0 * sx, r0, x1 * sx, r1))
