@@ -317,3 +317,15 @@ def test_detector_refuses_images_its_resize_would_squeeze_to_nothing():
         check_detector_input(detector, image, "fine.jpg")
         with torch.no_grad():
             assert set(detector([image])[0]) >= {"boxes", "scores", "labels"}, (h, w, size)
+
+
+def test_training_evaluates_through_the_bounded_transform(model):
+    from open_fastervit.tasks.classification.config import TrainConfig
+    from open_fastervit.tasks.classification.task import classification_transforms
+
+    _, eval_tf, data_cfg = classification_transforms(TrainConfig(img_size=IMG_SIZE), model)
+    assert "BoundedCenterCrop" in repr(eval_tf)
+    image = Image.new("RGB", (100000, 1), (10, 200, 30))
+    assert eval_tf(image).shape == (3, IMG_SIZE, IMG_SIZE)
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    assert torch.equal(eval_tf(photo), create_transform(**data_cfg)(photo))
