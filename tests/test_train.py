@@ -178,7 +178,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ca
     [
         (dict(data="/nonexistent/tiny"), DatasetError, "does not exist"),
         (dict(train_images=4), DatasetError, "fewer than one global batch"),
-        (dict(epochs=0), ValueError, "epochs=0"),
+        (dict(epochs=0), ValueError, "--epochs must be >= 1, got 0"),
+        (dict(img_size=0), ValueError, "--img-size must be >= 1, got 0"),
+        (dict(batch_size=-2), ValueError, "--batch-size must be >= 1, got -2"),
+        (dict(workers=-1), ValueError, "--workers must be >= 0, got -1"),
         (dict(batch_size=7, mixup=0.8), ValueError, "even batch size"),
         (dict(mesa=0.5, model_ema=False), ValueError, "MESA"),
         (dict(num_classes=5), DatasetError, "10 classes but num_classes=5"),

@@ -10,7 +10,39 @@ from typing import Any
 from open_fastervit.loading import DEFAULT_MODEL, architecture_name
 from open_fastervit.runtime import AMP_CHOICES, DEPRECATED_AMP
 
-__all__ = ["AMP_CHOICES", "add_model_args", "amp_word", "json_dict", "model_call_args", "random_weights_note"]
+__all__ = ["AMP_CHOICES", "add_model_args", "amp_word", "json_dict", "model_call_args", "non_negative_int",
+           "positive_int",
+           "random_weights_note"]
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 given on the command line (argparse names the option in its error).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 0.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 given on the command line (argparse names the option in its error).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 1.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
 
 
 def amp_word(text: str, option: str = "--amp") -> str:
