@@ -333,12 +333,6 @@ def _from_file(
     kwargs: dict[str, Any],
 ) -> tuple[nn.Module, dict[str, Any]]:
     state, info = read_weights(path, ema_mode(use_ema))
-    if is_official_state_dict(state):
-        try:
-            state = official_to_ours(state)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        info["weights"] = f"official {info['weights']}"
     stored = info.get("architecture")
     try:
         stored_arch = architecture_name(str(stored)) if stored else None
@@ -348,6 +342,14 @@ def _from_file(
         arch = architecture_name(architecture)
     else:
         arch = stored_arch or DEFAULT_MODEL
+    # the authors' key layout, for a FasterViT (a ViT's patch_embed.* keys are its own)
+    if is_official_state_dict(state) and (_base(arch) in MODEL_ARGS or not stored_arch or
+                                          _base(stored_arch) in MODEL_ARGS):
+        try:
+            state = official_to_ours(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        info["weights"] = f"official {info['weights']}"
     kwargs = {**_tuples(info.get("model_kwargs") or {}), **kwargs}
     classes = checkpoint_classes(state, classifier_name(arch, kwargs))
     _head_classes(head, num_classes, classes, str(path))

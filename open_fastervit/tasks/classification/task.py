@@ -28,7 +28,8 @@ from .config import TrainConfig, resolve_augmentation
 from .mesa import MesaLoss
 
 __all__ = ["ClassificationTask", "check_sample", "classes_without_readable_images", "classification_transforms",
-           "create_classifier", "infer_num_classes", "open_classification_data", "probe_unused_parameters", "train_count"]
+           "create_classifier", "infer_num_classes", "open_classification_data", "probe_unused_parameters",
+           "train_count"]
 
 
 def create_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
