@@ -93,7 +93,7 @@ def test_cli_prints_and_writes_what_was_skipped(tmp_path, capsys):
                           "--workers", "0", "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "on 10 images (2 unreadable, skipped: b/0.png, b/1.png)" in printed
+    assert "% on 10 images (2 unreadable, skipped: b/0.png, b/1.png); top-5 " in printed
     result = json.loads(out.read_text())
     assert (result["images"], result["skipped"], result["skipped_files"]) == (10, 2, ["b/0.png", "b/1.png"])
 

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"{result['model']} ({result['weights']} weights) on {result['data']}: "
-        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-        f"on {scored_text(result)} (input {tuple(result['input_size'])}, crop_pct {result['crop_pct']}, "
+        f"top-1 {result['top1']:.2f}% on {scored_text(result)}; top-5 {result['top5']:.2f}%, loss {result['loss']:.4f} "
+        f"(input {tuple(result['input_size'])}, crop_pct {result['crop_pct']}, "
         f"{result['crop_mode']}, {result['interpolation']}; classes {result['label_mapping']}; "
         f"{result['seconds']:.1f} s)"
     )
