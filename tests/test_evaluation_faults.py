@@ -7,8 +7,7 @@ a red image is class 0, a green one class 1, a blue one class 2.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -276,13 +275,21 @@ def test_class_with_no_readable_training_image_is_named(tmp_path):
 # ---- 12, RunExistsError, progress bars ------------------------------------------------------------------------------
 
 
-def test_python_m_train_says_which_command_trains(tmp_path):
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # as torchrun sets them
-    done = subprocess.run([sys.executable, "-m", "open_fastervit.train", "--data", str(tmp_path), "--epochs", "1"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2
-    assert f"torchrun --nproc_per_node 2 -m open_fastervit.cli train --data {tmp_path} --epochs 1" in done.stderr
-    assert f"fastervit train --data {tmp_path} --epochs 1" in done.stderr and "nothing was trained" in done.stderr
+def test_python_m_train_says_which_command_trains(tmp_path, monkeypatch, capsys):
+    """``python -m open_fastervit.train`` (run here as ``-m`` runs it) under torchrun's environment."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["open_fastervit.train", "--data", str(tmp_path), "--epochs", "1"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("open_fastervit.train", run_name="__main__", alter_sys=True)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "nothing was trained" in err
+    assert f"torchrun --nproc_per_node 2 -m open_fastervit.cli train --data {tmp_path} --epochs 1" in err
+    assert f"fastervit train --data {tmp_path} --epochs 1" in err
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("open_fastervit.train", run_name="__main__", alter_sys=True)
+    assert info.value.code == 2 and capsys.readouterr().err == ""  # one message per torchrun, from rank 0
 
 
 def test_run_exists_error_names_python_and_cli(tmp_path):
@@ -295,24 +302,3 @@ def test_run_exists_error_names_python_and_cli(tmp_path):
     text = str(info.value)
     assert f"resume={str(tmp_path)!r} (command line: --resume {tmp_path})" in text
     assert "overwrite=True (--overwrite)" in text
-
-
-def test_progress_bar_is_off_when_stderr_is_not_a_terminal(tmp_path):
-    """A training run whose stderr is a file writes epoch lines, not tqdm redraws."""
-    from conftest import TINY
-
-    from open_fastervit.paths import data_path
-
-    arch = {k: v for k, v in TINY.items() if k not in ("num_classes", "drop_path_rate")}
-    log = tmp_path / "log.txt"
-    with open(log, "w") as f:
-        done = subprocess.run(
-            [sys.executable, "-m", "open_fastervit.cli", "train", "--data", str(data_path("tiny-imagenet-10")),
-             "--model-kwargs", json.dumps(arch), "--img-size", "32", "--train-images", "16", "--val-images", "8",
-             "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--threads", "1",
-             "--no-tensorboard", "--progress", "--output", str(tmp_path / "run")],
-            stdout=subprocess.DEVNULL, stderr=f, timeout=300)
-    text = log.read_text()
-    assert done.returncode == 0, text
-    assert "\r" not in text and "step/s" not in text and "it/s" not in text
-    assert "epoch 1/1: train loss" in text and "on 8 val images" in text

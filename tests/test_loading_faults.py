@@ -4,7 +4,9 @@ model or before the first checkpoint says what to do, temporary files of killed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -120,9 +122,20 @@ def test_nan_in_an_official_file_and_a_hugging_face_folder(tmp_path, oracle):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
+    """A finished run, trained with the progress bar asked for and stderr going to a file (not a terminal)."""
     out = tmp_path_factory.mktemp("run")
-    assert train_main(RUN + ["--output", str(out)]) == 0
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        assert train_main([a for a in RUN if a != "--no-progress"] + ["--progress", "--output", str(out)]) == 0
+    (out / "stderr.txt").write_text(log.getvalue())
     return out
+
+
+def test_progress_bar_is_off_when_stderr_is_not_a_terminal(finished_run):
+    """Epoch lines in a log file, no tqdm redraws."""
+    text = (finished_run / "stderr.txt").read_text()
+    assert "\r" not in text and "step/s" not in text and "it/s" not in text
+    assert "epoch 1/1: train loss" in text and "on 8 val images" in text
 
 
 def test_resume_with_another_model_exits_2_naming_the_settings(finished_run, tmp_path, capsys):
