@@ -18,19 +18,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from timm.data import ImageDataset, ImageNetInfo
 from timm.data.readers.reader import Reader
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from open_fastervit.data import SkipUnreadable, class_names, open_dataset
+from open_fastervit.data import DECODE_ERRORS, DatasetError, SkipUnreadable, class_names, open_dataset, read_image
 
 __all__ = [
+    "ClassNameMismatch",
+    "ReadableImages",
     "ReaderLabelsCsv",
+    "class_name_map",
     "class_names_of",
     "imagenet_class_names",
     "imagenet_label_map",
     "load_label_map",
+    "no_readable_image",
     "open_eval_dataset",
+    "readable_collate",
     "resolve_class_names",
 ]
 
@@ -242,3 +248,125 @@ def resolve_class_names(
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names given for a model with {num_classes} outputs")
     return list(names)
+
+
+# ---- scoring only what was read ----------------------------------------------------------------------------------
+
+
+class ReadableImages(Dataset):
+    """Evaluation view of a map-style image dataset (``SkipUnreadable`` or timm ``ImageDataset``): an image that
+    cannot be decoded is dropped from the score, never replaced by another one.
+
+    ``dataset[i]`` is ``(image, target)``, or ``(None, target)`` for an unreadable file, which is flagged in a
+    shared-memory tensor (seen across loader workers); :func:`readable_collate` leaves such items out of the batch.
+    ``skipped()`` names the flagged files, ``root`` is the folder the images come from (for messages).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        base = dataset.dataset if isinstance(dataset, SkipUnreadable) else dataset
+        self.reader = base.reader
+        self.mode = getattr(base, "input_img_mode", None) or "RGB"
+        self.transform: Any = None
+        self.bad = torch.zeros(len(self.reader), dtype=torch.uint8).share_memory_()
+        self.root = str(getattr(self.reader, "root", "") or "")
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def filename(self, index: int) -> str:
+        return str(self.reader.filename(index, absolute=True))
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        source, target = self.reader[index][:2]
+        try:
+            image = read_image(source, self.mode, name=self.filename(index))
+        except DECODE_ERRORS:
+            self.bad[index] = 1
+            return None, -1 if target is None else target
+        finally:
+            if hasattr(source, "close"):  # timm readers hand out open files and leave closing to the caller
+                source.close()
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, -1 if target is None else target
+
+    def skipped(self) -> list[str]:
+        """Names (relative to :attr:`root`) of the images found unreadable so far, in dataset order."""
+        names = []
+        for index in torch.nonzero(self.bad).flatten().tolist():
+            path = Path(self.filename(int(index)))
+            try:
+                names.append(str(path.relative_to(self.root)) if self.root else path.name)
+            except ValueError:
+                names.append(path.name)
+        return names
+
+
+def readable_collate(batch: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``default_collate`` of the items of a :class:`ReadableImages` batch that were read; a batch with none gives
+    empty tensors ``(0,)`` (``evaluate`` skips it)."""
+    readable = [item for item in batch if item[0] is not None]
+    if not readable:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    images, targets = default_collate(readable)[:2]
+    return images, targets
+
+
+def no_readable_image(dataset: ReadableImages, where: str | Path) -> DatasetError:
+    """The error for a dataset none of whose images could be read (names the folder and the first files)."""
+    names = dataset.skipped()
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return DatasetError(f"no readable image in {where}: all {len(names)} files are unreadable ({shown})")
+
+
+# ---- the model's class names against the dataset's ---------------------------------------------------------------
+
+
+class ClassNameMismatch(ValueError):
+    """The weights store class names and the dataset's class folders are not (all) among them."""
+
+
+def _aliases(name: str) -> set[str]:
+    """A class name and, for an ImageNet-1K wnid, its first lemma (``n01443537`` -> ``goldfish``)."""
+    wnids = _wnid_index()
+    out = {name, name.lower()}
+    if name in wnids:
+        lemma = imagenet_class_names()[wnids[name]]
+        out |= {lemma, lemma.lower(), lemma.replace(" ", "_").lower()}
+    return out
+
+
+def class_name_map(model_names: Sequence[str], dataset: Dataset) -> dict[int, int] | None:
+    """Dataset target -> model output index by class name, when the model's stored ``model_names`` and the dataset's
+    class folders differ; None when they are equal (or the dataset does not name its classes).
+
+    Names match exactly, or through the ImageNet-1K lemma of a wnid (``n01443537`` matches ``goldfish``).
+
+    Raises:
+        ClassNameMismatch: a dataset class matches no model class (or several); the message lists the dataset's
+            unmatched folders and the model's names.
+    """
+    folders = class_names(dataset)
+    model_names = [str(n) for n in model_names]
+    if not folders or folders == model_names:
+        return None
+    by_alias: dict[str, set[int]] = {}
+    for index, name in enumerate(model_names):
+        for alias in _aliases(name):
+            by_alias.setdefault(alias, set()).add(index)
+    mapping: dict[int, int] = {}
+    unmatched = []
+    for target, folder in enumerate(folders):
+        hits = set().union(*(by_alias.get(alias, set()) for alias in _aliases(folder)))
+        if len(hits) == 1:
+            mapping[target] = hits.pop()
+        else:
+            unmatched.append(folder)
+    if unmatched:
+        shown = ", ".join(model_names[:10]) + (f" ... (+{len(model_names) - 10} more)" if len(model_names) > 10 else "")
+        raise ClassNameMismatch(
+            f"{len(unmatched)} of the dataset's {len(folders)} class folders are not among the model's class names: "
+            f"{', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}; the model's classes are {shown}. "
+            "Rename the folders, pass a label map, or score by index anyway (by_index=True; command line: --by-index)"
+        )
+    return mapping

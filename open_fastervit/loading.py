@@ -54,6 +54,7 @@ from .serialization import (
     HEAD_POLICIES,
     KWARGS_HINT,
     CheckpointError,
+    check_finite,
     checkpoint_classes,
     ema_mode,
     fit_state,
@@ -67,6 +68,7 @@ __all__ = [
     "WEIGHT_SUFFIXES",
     "FileType",
     "architecture_name",
+    "classifier_name",
     "file_types",
     "load_into",
     "load_model",
@@ -212,7 +214,8 @@ def load_model(
         stored in the file (``class_names``, ``data_config``, ``img_size``, ``model_kwargs``, ``architecture``).
 
     Raises:
-        CheckpointError: a file that is missing, corrupt, unsafe or does not fit; published weights that cannot be
+        CheckpointError: a file that is missing, corrupt, unsafe, holds NaN/inf weights (the tensors named) or does
+            not fit; published weights that cannot be
             had (offline); a head that disagrees with ``num_classes`` under ``head="keep"``; a file of a type it does
             not take (the message lists those it takes); a runtime file given another head or channel count.
         ValueError: unknown model name, bad architecture arguments or head policy; a runtime's own errors (e.g.
@@ -239,6 +242,8 @@ def load_model(
         model, info = _from_name(text, num_classes, head, pretrained, kwargs)
     else:
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    if info.get("weights") != "random":  # every file type, the HF folder and published weights alike
+        check_finite(model.state_dict(), info.get("source") or text)
     if head == "reinit" and "reinitialized" in info and not info["reinitialized"]:
         model.reset_classifier(model.num_classes)
         classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head.fc"
@@ -328,12 +333,6 @@ def _from_file(
     kwargs: dict[str, Any],
 ) -> tuple[nn.Module, dict[str, Any]]:
     state, info = read_weights(path, ema_mode(use_ema))
-    if is_official_state_dict(state):
-        try:
-            state = official_to_ours(state)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        info["weights"] = f"official {info['weights']}"
     stored = info.get("architecture")
     try:
         stored_arch = architecture_name(str(stored)) if stored else None
@@ -343,16 +342,26 @@ def _from_file(
         arch = architecture_name(architecture)
     else:
         arch = stored_arch or DEFAULT_MODEL
+    # the authors' key layout, for a FasterViT (a ViT's patch_embed.* keys are its own)
+    if is_official_state_dict(state) and (_base(arch) in MODEL_ARGS or not stored_arch or
+                                          _base(stored_arch) in MODEL_ARGS):
+        try:
+            state = official_to_ours(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        info["weights"] = f"official {info['weights']}"
     kwargs = {**_tuples(info.get("model_kwargs") or {}), **kwargs}
-    _head_classes(head, num_classes, checkpoint_classes(state), str(path))
+    classes = checkpoint_classes(state, classifier_name(arch, kwargs))
+    _head_classes(head, num_classes, classes, str(path))
     overlay = {"state_dict": state, "file": str(path)}
     try:
         if _base(arch) in MODEL_ARGS:
             model = _create(arch, {**kwargs, "pretrained": True, "pretrained_cfg_overlay": overlay,
                                    "num_classes": num_classes})
-        else:  # another timm architecture: build it, then fit the weights with the same checks
-            model = _create(arch, {**kwargs, "num_classes": num_classes or checkpoint_classes(state)})
-            state, report = fit_state(model, state, head="resize", what=f"checkpoint {path}")
+        else:  # another timm architecture: built with the file's class count, then fitted with the same checks
+            model = _create(arch, {**kwargs, "num_classes": num_classes or classes} if num_classes or classes
+                            else kwargs)
+            state, report = fit_state(model, state, head=head, what=f"checkpoint {path}")
             model.load_state_dict(state)
             model.weights_info = report
     except CheckpointError as e:
@@ -372,6 +381,28 @@ def _from_file(
         )
         info["file_architecture"] = stored_arch
     return model, {**info, "source": str(path), **_report(model)}
+
+
+def classifier_name(arch: str, kwargs: Mapping[str, Any] | None = None) -> str:
+    """The module name of a timm architecture's classifier (``head.fc`` for FasterViT, ``fc`` for a ResNet,
+    ``head`` for a ViT): its pretrained cfg's ``classifier``, else found by building the model (random weights)
+    and looking up the module ``get_classifier()`` returns.
+
+    Raises:
+        ValueError: an unknown architecture or arguments it does not take.
+    """
+    if _base(arch) in MODEL_ARGS:
+        return "head.fc"
+    cfg = timm.models.get_pretrained_cfg(arch)
+    name = getattr(cfg, "classifier", None) if cfg is not None else None
+    if isinstance(name, (tuple, list)):
+        name = name[0] if name else None
+    if name:
+        return str(name)
+    model = _create(arch, dict(kwargs or {}))
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    found = next((n for n, m in model.named_modules() if m is classifier and n), None)
+    return found or "head.fc"
 
 
 def _base(name: str) -> str:
@@ -396,7 +427,7 @@ def load_into(
     Raises:
         CheckpointError: missing, corrupt or unsafe file; weights that do not fit (with ``strict``).
     """
-    state, info = read_weights(path, ema_mode(use_ema))
+    state, info = read_weights(path, ema_mode(use_ema))  # refuses NaN/inf weights
     what = f"checkpoint {path}"
     try:
         if is_official_state_dict(state):

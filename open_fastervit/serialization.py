@@ -43,11 +43,13 @@ __all__ = [
     "HEAD_POLICIES",
     "CheckpointError",
     "atomic_write",
+    "check_finite",
     "check_fit",
     "fit_state",
     "load_checkpoint_file",
     "locate_weights",
     "read_weights",
+    "remove_stale_temporaries",
     "save_weights",
     "select_weights",
 ]
@@ -243,7 +245,35 @@ def read_weights(path: str | Path, ema: str = "prefer") -> tuple[dict[str, Tenso
         state, kind = select_weights(obj, ema)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    check_finite(state, f"{path} ({kind} weights)" if kind != "plain" else str(path))
     return state, {"weights": kind, "file": str(path), **_metadata(path, obj)}
+
+
+def nonfinite_counts(state: Mapping[str, Tensor]) -> list[str]:
+    """``"name: 12 NaN, 1 inf"`` for each floating-point tensor of ``state`` holding NaN or infinite values."""
+    found = []
+    for name, tensor in state.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        parts = ([f"{nan} NaN"] if nan else []) + ([f"{inf} inf"] if inf else [])
+        found.append(f"{name}: {', '.join(parts)}")
+    return found
+
+
+def check_finite(state: Mapping[str, Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinite values (a diverged or damaged file scores garbage without a word).
+
+    Raises:
+        CheckpointError: naming ``what`` and the tensors with their NaN / inf counts (the first few).
+    """
+    bad = nonfinite_counts(state)
+    if bad:
+        raise CheckpointError(
+            f"{what} holds non-finite weights (NaN/inf), so it cannot be used: {key_listing(bad, 4)} - a diverged "
+            "training run or a damaged file; use an earlier checkpoint"
+        )
 
 
 def weights_in_folder(folder: str | Path) -> Path:
@@ -470,19 +500,56 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # a process we may not signal: alive
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left beside ``path`` when its process was killed mid-write
+    (``.NAME.PID.XXXX.tmp`` of a process that no longer runs; names without a process id are stale too).
+    Returns the files removed; files that cannot be removed are left (logged)."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid_text = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid_text.isdigit() and (int(pid_text) == os.getpid() or _pid_alive(int(pid_text))):
+            continue  # being written by a live process
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError as e:
+            _logger.warning("cannot remove the leftover temporary file %s: %s", tmp, e)
+    if removed:
+        _logger.info("removed %d leftover temporary file(s) of an interrupted write of %s", len(removed), path)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters (``*?[``) taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` then atomically rename the temp file onto ``path`` (same folder).
 
     The file gets the mode a plain ``open(path, "w")`` gives: an existing file's mode, else ``0o666 & ~umask``
-    (not the ``0o600`` of the temporary file).
+    (not the ``0o600`` of the temporary file). The temporary name carries the process id (``.NAME.PID.XXXX.tmp``);
+    those of a killed writer are removed before writing (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     try:
         mode = path.stat().st_mode & 0o7777
     except OSError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

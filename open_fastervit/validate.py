@@ -23,7 +23,14 @@ from timm.utils import AverageMeter, accuracy
 from open_fastervit import loading
 from open_fastervit.inference import Predictor
 from open_fastervit.inference import data_config_for as data_config_for  # older imports took it from here
-from open_fastervit.labels import load_label_map, open_eval_dataset
+from open_fastervit.labels import (
+    ReadableImages,
+    class_name_map,
+    load_label_map,
+    no_readable_image,
+    open_eval_dataset,
+    readable_collate,
+)
 from open_fastervit.serialization import ema_mode, read_weights
 
 __all__ = ["evaluate", "read_checkpoint", "validate"]
@@ -78,14 +85,18 @@ def evaluate(
     Args:
         model: a classifier returning logits (B, num_classes). It is run in eval mode; its previous
             train/eval mode is restored afterwards.
-        loader: iterable of ``(images, targets, ...)`` batches; extra items are ignored.
+        loader: iterable of ``(images, targets, ...)`` batches; extra items are ignored, empty batches (all of
+            their images unreadable, :func:`open_fastervit.labels.readable_collate`) are passed over.
         device: where to run; defaults to the device of the model's parameters.
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for full precision.
         label_map: dataset target index -> model output index (a dict or a sequence indexed by target),
             e.g. ImageFolder indices of an ImageNet subset -> ImageNet-1K indices.
 
     Returns:
-        ``{'top1': %, 'top5': % (top-min(5, classes)), 'loss': mean CE, 'count': images}``.
+        ``{'top1': %, 'top5': % (top-min(5, classes)), 'loss': mean CE, 'count': images scored}``.
+
+    Raises:
+        ValueError: no image to score, or a target outside the model's outputs / the label map.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     lookup = _label_lookup(label_map, device) if label_map is not None else None
@@ -95,6 +106,8 @@ def evaluate(
     try:
         with torch.inference_mode():
             for batch in loader:
+                if batch[0].shape[0] == 0:
+                    continue
                 images, targets = batch[0].to(device), batch[1].to(device)
                 targets = _map_targets(targets, lookup)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -199,6 +212,7 @@ def validate(
     amp_dtype: torch.dtype | str | None = None,
     fuse: bool = True,
     pretrained: bool = True,
+    by_index: bool = False,
 ) -> dict:
     """Top-1/top-5 and loss of a model (timm name and/or checkpoint, or a module) on a dataset folder.
 
@@ -213,15 +227,28 @@ def validate(
     a module passed in is used as it is. Without ``checkpoint`` a named model gets its published weights
     (``open_fastervit.load_model``), random ones only with ``pretrained=False``.
 
+    Only images that were read are scored: an unreadable file is left out (never replaced by another image) and
+    reported in ``skipped`` / ``skipped_files``. When the weights store class names (``fastervit train`` writes
+    them) and no ``label_map`` is given, dataset classes are matched to model outputs by name; class folders that
+    match no model name are an error unless ``by_index`` (score folder index ``i`` as output ``i``).
+
     Raises:
         FileNotFoundError: the dataset folder does not exist.
+        DatasetError: no image of the dataset can be read (names the folder and the first files).
+        ClassNameMismatch: dataset class folders that are not among the model's class names (without ``by_index``).
         CheckpointError: weights that cannot be had, read or fitted.
-        ValueError: bad model name, arguments or label map.
+        ValueError: bad model name, arguments or label map; ``batch_size`` < 1 or ``workers`` < 0.
 
     Returns:
-        :func:`evaluate`'s metrics plus the model, weights, data and preprocessing used and the time taken.
+        :func:`evaluate`'s metrics; ``images`` (scored), ``skipped`` (count of unreadable files), ``skipped_files``
+        (their names relative to the split folder), ``label_mapping`` (``"by name"``, ``"label map"`` or
+        ``"by index"``); the model, weights, data and preprocessing used and the time taken.
     """
-    dataset = open_eval_dataset(data, split=split, label_column=label_column)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    dataset = ReadableImages(open_eval_dataset(data, split=split, label_column=label_column))
     given = model if isinstance(model, torch.nn.Module) else None
     was_training = given is not None and given.training
     from_file = checkpoint is not None and given is None
@@ -238,14 +265,29 @@ def validate(
         dataset, input_size=config["input_size"], batch_size=batch_size, use_prefetcher=False,
         interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
         crop_pct=config["crop_pct"], crop_mode=config["crop_mode"], num_workers=workers,
-        device=device, persistent_workers=False,
+        device=device, persistent_workers=False, collate_fn=readable_collate,
     )
+    mapping = load_label_map(label_map, dataset)
+    how = "label map" if mapping is not None else "by index"
+    names = predictor.info.get("class_names")
+    if mapping is None and names and not by_index:
+        mapping = class_name_map(names, dataset)
+        how = "by name" if mapping is not None else how
     start = time.perf_counter()
-    metrics = evaluate(predictor.model, loader, device=device, amp_dtype=predictor.amp_dtype,
-                       label_map=load_label_map(label_map, dataset))
+    try:
+        metrics = evaluate(predictor.model, loader, device=device, amp_dtype=predictor.amp_dtype, label_map=mapping)
+    except ValueError as e:
+        if "empty loader" in str(e) and dataset.bad.any():
+            raise no_readable_image(dataset, dataset.root or data) from None
+        raise
     seconds = time.perf_counter() - start
+    skipped = dataset.skipped()
     return {
         **metrics,
+        "images": metrics["count"],
+        "skipped": len(skipped),
+        "skipped_files": skipped,
+        "label_mapping": how,
         "model": predictor.name,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "weights": "module" if given is not None else predictor.info["weights"],

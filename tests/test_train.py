@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -88,9 +89,10 @@ def test_saved_weights_reproduce_the_reported_accuracy(recipe_run):
     assert not torch.equal(ema["head.fc.weight"], plain["head.fc.weight"])
 
 
-def test_finetune_from_own_checkpoint_new_classes_any_size(recipe_run, tmp_path, capsys):
+def test_finetune_from_own_checkpoint_new_classes_any_size(recipe_run, tmp_path, capsys, monkeypatch):
     """lr 0 keeps the loaded weights: every parameter but the re-initialised 12-class head is the source EMA."""
     _, source = recipe_run
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on a terminal only
     cfg = TrainConfig(**{**QUICK, "output": str(tmp_path), "pretrained": source["resume_checkpoint"],
                          "num_classes": 12, "img_size": 48, "lr": 0.0, "min_lr": 0.0, "warmup_lr": 0.0,
                          "layer_decay": 0.75, "model_ema": False, "mixup": 0.0, "cutmix": 0.0, "progress": True})
@@ -178,7 +180,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ca
     [
         (dict(data="/nonexistent/tiny"), DatasetError, "does not exist"),
         (dict(train_images=4), DatasetError, "fewer than one global batch"),
-        (dict(epochs=0), ValueError, "epochs=0"),
+        (dict(epochs=0), ValueError, "--epochs must be >= 1, got 0"),
+        (dict(img_size=0), ValueError, "--img-size must be >= 1, got 0"),
+        (dict(batch_size=-2), ValueError, "--batch-size must be >= 1, got -2"),
+        (dict(workers=-1), ValueError, "--workers must be >= 0, got -1"),
         (dict(batch_size=7, mixup=0.8), ValueError, "even batch size"),
         (dict(mesa=0.5, model_ema=False), ValueError, "MESA"),
         (dict(num_classes=5), DatasetError, "10 classes but num_classes=5"),
@@ -360,7 +365,8 @@ def test_existing_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path, 
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err == (f"fastervit train: error: {tmp_path} already holds a training run (last.pt from epoch 2, step 3): "
-                   f"pass --resume {tmp_path} to continue it, or choose another --output (--overwrite replaces it)")
+                   f"continue it with resume={str(tmp_path)!r} (command line: --resume {tmp_path}), or choose another "
+                   "output (--output), or replace it with overwrite=True (--overwrite)")
     assert (tmp_path / "last.pt").read_bytes() == before
 
     save_checkpoint(tmp_path / "last.pt", {"progress": {"epoch": 2, "step_in_epoch": 0}})

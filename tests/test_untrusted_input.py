@@ -281,13 +281,13 @@ def test_bad_sizes_and_options_are_refused_with_their_names(model, capsys):
             Predictor(model, device="cpu", **kwargs)
     with pytest.raises(ValueError, match="timeout must be > 0"):
         create_app(model, device="cpu", timeout=0)
-    for argv, words in [(["--img-size", "0"], "argument --img-size: '0' must be >= 1"),
-                        (["--img-size", "-3"], "argument --img-size: '-3' must be >= 1"),
-                        (["--port", "0"], "argument --port: '0' must be in 1-65535"),
-                        (["--port", "65536"], "argument --port: '65536' must be in 1-65535"),
-                        (["--timeout", "0"], "argument --timeout: '0' must be > 0"),
-                        (["--timeout", "-1"], "argument --timeout: '-1' must be > 0"),
-                        (["--max-batch", "0"], "argument --max-batch: '0' must be >= 1")]:
+    for argv, words in [(["--img-size", "0"], "argument --img-size: must be >= 1, got 0"),
+                        (["--img-size", "-3"], "argument --img-size: must be >= 1, got -3"),
+                        (["--port", "0"], "argument --port: must be in 1-65535, got 0"),
+                        (["--port", "65536"], "argument --port: must be in 1-65535, got 65536"),
+                        (["--timeout", "0"], "argument --timeout: must be > 0, got 0"),
+                        (["--timeout", "-1"], "argument --timeout: must be > 0, got -1"),
+                        (["--max-batch", "0"], "argument --max-batch: must be >= 1, got 0")]:
         with pytest.raises(SystemExit):
             build_parser().parse_args(argv)
         assert words in capsys.readouterr().err, argv
@@ -295,7 +295,7 @@ def test_bad_sizes_and_options_are_refused_with_their_names(model, capsys):
     assert (args.timeout, args.port, args.img_size) == (2.5, 65535, 32)
     assert build_parser().parse_args([]).timeout == 30.0
     assert positive_int("7") == 7
-    for text, words in [("0", "'0' must be >= 1"), ("x", "expected an integer, got 'x'")]:
+    for text, words in [("0", "must be >= 1, got 0"), ("x", "expected an integer, got 'x'")]:
         with pytest.raises(argparse.ArgumentTypeError, match=words):
             positive_int(text)
 

@@ -16,11 +16,26 @@ __all__ = [
     "amp_word",
     "json_dict",
     "model_call_args",
+    "non_negative_int",
     "port_number",
     "positive_float",
     "positive_int",
     "random_weights_note",
 ]
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 given on the command line (argparse names the option in its error).
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 0.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -34,7 +49,7 @@ def positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 
@@ -49,7 +64,7 @@ def positive_float(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -64,7 +79,7 @@ def port_number(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in 1-65535")
+        raise argparse.ArgumentTypeError(f"must be in 1-65535, got {text}")
     return value
 
 
@@ -115,7 +130,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help='architecture overrides as JSON, e.g. \'{"dim": 32, "depths": [1, 1, 2, 1]}\'')
     parser.add_argument("--raw", action="store_true",
                         help="use the raw weights of a training checkpoint instead of its EMA weights")
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: from the model cfg)")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="input size (default: from the model cfg)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false",
                         help="run the model as built instead of its fused inference form (same outputs, slower)")

@@ -13,11 +13,13 @@ import os
 import sys
 from typing import Any
 
-from open_fastervit.cli.train import build_parser, config_from_args, interrupted_exit
+from open_fastervit.cli._common import non_negative_int
+from open_fastervit.cli.train import MISMATCH_EXIT, build_parser, config_from_args, interrupted_exit
 from open_fastervit.data import DatasetError
 from open_fastervit.tasks.detection import evaluate_detector, predict_detector
 from open_fastervit.tasks.segmentation import evaluate_segmenter, predict_segmenter
 from open_fastervit.train import RunExistsError, TrainingDiverged, get_task, json_safe, train
+from open_fastervit.train.checkpoint import ResumeMismatchError
 
 __all__ = ["dense_main"]
 
@@ -51,6 +53,9 @@ def _train(command: str, argv: list[str]) -> int:
     try:
         cfg = config_from_args(argv, config_cls, parser)
         result = train(cfg)
+    except ResumeMismatchError as err:  # --resume with another model than the run's
+        print(f"fastervit {command} train: error: {err}", file=sys.stderr)
+        return MISMATCH_EXIT
     except (DatasetError, TrainingDiverged, RunExistsError, ValueError, FileNotFoundError) as err:  # CheckpointError
         print(f"fastervit {command} train: error: {err}", file=sys.stderr)
         return 1
@@ -78,7 +83,7 @@ def _evaluate_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the metrics here")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="evaluate the plain (unfused) backbone")
-    p.add_argument("--workers", type=int, default=1, help="data-loading processes (default: %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=1, help="data-loading processes (default: %(default)s)")
     return p
 
 

@@ -5,8 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from open_fastervit.cli._common import non_negative_int, positive_int
 from open_fastervit.data import DatasetError
 from open_fastervit.demos import CLASSIFICATION_MINUTES, DENSE_MINUTES
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 given on the command line (argparse names the option in its error).
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or not above 0.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detection/segmentation: start the backbone from these weights (e.g. the "
                         "classification demo's model) instead of random ones")
     parser.add_argument("--quick", action="store_true", help="tiny budget (under a minute): checks the pipeline")
-    parser.add_argument("--minutes", type=float, default=None,
+    parser.add_argument("--minutes", type=positive_float, default=None,
                         help="training budget in minutes; the epochs are chosen to fit it (default "
                         f"{CLASSIFICATION_MINUTES:g} for classification, {DENSE_MINUTES:g} for the others)")
-    parser.add_argument("--epochs", type=int, default=None, help="a fixed number of epochs instead of --minutes")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="a fixed number of epochs instead of --minutes")
     parser.add_argument("--no-bench", action="store_true", help="skip the speed comparison")
-    parser.add_argument("--workers", "-j", type=int, default=2, help="data-loading processes (default 2)")
+    parser.add_argument("--workers", "-j", type=non_negative_int, default=2, help="data-loading processes (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

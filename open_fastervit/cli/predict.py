@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from open_fastervit.cli._common import add_model_args, model_call_args, random_weights_note
+from open_fastervit.cli._common import add_model_args, model_call_args, positive_int, random_weights_note
 from open_fastervit.predict import format_prediction, predict
 
 
@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", "-r", action="store_true",
                         help="also classify the images in the sub-folders of each folder given")
     add_model_args(parser)
-    parser.add_argument("--topk", "-k", type=int, default=3, help="labels per image (default 3)")
+    parser.add_argument("--topk", "-k", type=positive_int, default=3, help="labels per image (default 3)")
+    parser.add_argument("--batch-size", "-b", type=positive_int, default=16,
+                        help="images per forward pass (default 16)")
     parser.add_argument("--classes", default=None,
                         help="class names: a text file (one per line) or the training dataset folder")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         preds = predict(args.images, args.model, classes=args.classes, topk=args.topk, on_error=report,
-                        recursive=args.recursive, **model_call_args(args))
+                        batch_size=args.batch_size, recursive=args.recursive, **model_call_args(args))
     except (FileNotFoundError, ValueError) as e:  # CheckpointError and ImageReadError are ValueErrors
         print(f"fastervit predict: error: {e}", file=sys.stderr)
         return 1

@@ -21,12 +21,14 @@ from open_fastervit.data import DatasetError
 from open_fastervit.recipes import list_recipes, load_recipe, recipe_task
 from open_fastervit.tasks.classification import TrainConfig
 from open_fastervit.train import TrainingDiverged, TrainingInterrupted, train
-from open_fastervit.train.checkpoint import read_training_state
+from open_fastervit.train.checkpoint import ResumeMismatchError, read_training_state
 
 __all__ = ["build_parser", "config_from_args", "interrupted_exit", "main", "saved_settings"]
 
 #: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED_EXIT = 130
+#: Exit status when ``--resume`` meets a checkpoint of another model than the one asked for (a usage error).
+MISMATCH_EXIT = 2
 #: Saved settings that are not carried over by ``--resume RUN`` (the run folder becomes the output).
 NOT_RESUMED = ("resume", "overwrite", "output")
 
@@ -163,10 +165,14 @@ def interrupted_exit(err: KeyboardInterrupt, command: str = "fastervit train") -
 
 def main(argv: list[str] | None = None) -> int:
     """``fastervit train``: returns 0 on success, 1 with a one-line message on a data/argument/NaN error or an
-    output folder holding another run, 130 with a one-line ``--resume`` hint on Ctrl-C."""
+    output folder holding another run, 2 when ``--resume`` meets a checkpoint of another model, 130 with a
+    one-line ``--resume`` hint on Ctrl-C."""
     try:
         cfg = config_from_args(argv)
         result = train(cfg)
+    except ResumeMismatchError as err:
+        print(f"fastervit train: error: {err}", file=sys.stderr)
+        return MISMATCH_EXIT
     except (DatasetError, TrainingDiverged, ValueError, FileNotFoundError) as err:  # CheckpointError, RunExistsError
         print(f"fastervit train: error: {err}", file=sys.stderr)
         return 1

@@ -21,11 +21,19 @@ import torch
 
 from ..serialization import CheckpointError, atomic_write, load_checkpoint_file
 
-__all__ = ["CHECKPOINT_VERSION", "capture_rng", "load_checkpoint", "read_progress", "read_training_state",
-           "restore_rng", "save_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "NoCheckpointYet", "ResumeMismatchError", "capture_rng", "load_checkpoint",
+           "read_progress", "read_training_state", "restore_rng", "save_checkpoint"]
 
 CHECKPOINT_VERSION = 1
 FORMAT = "open_fastervit.train"
+
+
+class NoCheckpointYet(CheckpointError):
+    """``resume`` names a run folder that holds no ``last.pt`` yet (stopped before its first checkpoint)."""
+
+
+class ResumeMismatchError(CheckpointError):
+    """The checkpoint to resume from was trained with another model than the one configured now."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -60,10 +68,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a training checkpoint (a file, or a run folder holding ``last.pt``) with ``weights_only=True``."""
+    """Load a training checkpoint (a file, or a run folder holding ``last.pt``) with ``weights_only=True``.
+
+    Raises:
+        NoCheckpointYet: a run folder (it has a ``config.json``) without ``last.pt``; the message says how to start it.
+        CheckpointError: a missing, unreadable or foreign file.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "last.pt"
+    if not path.exists() and path.parent.is_dir() and (path.parent / "config.json").is_file():
+        folder = path.parent
+        raise NoCheckpointYet(
+            f"{folder} has no checkpoint yet (no {path.name}: the run stopped before its first one; last.pt is "
+            "written at the end of every epoch and every checkpoint_steps optimizer steps), so there is nothing to "
+            "resume: run the same command without --resume (Python: resume=None) to start it, or remove the "
+            f"folder {folder} first"
+        )
     state = load_checkpoint_file(path)
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint written by `fastervit train`")

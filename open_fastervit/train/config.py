@@ -93,7 +93,7 @@ class RunConfig:
     seed: int = option(0, "random seed")
     deterministic: bool = option(False, "deterministic algorithms (with workers=0: bit-exact resume)")
     tensorboard: bool = option(True, "write TensorBoard logs to OUTPUT/tb")
-    progress: bool = option(True, "show a tqdm progress bar")
+    progress: bool = option(True, "show a tqdm progress bar (on a terminal; none when stderr is a file or pipe)")
 
     #: The task this config trains (the key of the task registry, ``open_fastervit.train.task``).
     TASK: ClassVar[str] = ""
@@ -104,18 +104,24 @@ class RunConfig:
         return self.epochs + self.cooldown_epochs
 
     def invalid_values(self) -> list[str]:
-        """``name=value`` for each field out of its range (a task's config adds its own fields)."""
+        """One message per field out of its range, naming it as its command-line option
+        (``--img-size must be >= 1, got 0``); a task's config adds its own fields through
+        :meth:`positive_fields` / :meth:`non_negative_fields`."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_steps": self.accum_steps,
                     "lr_base_size": self.lr_base_size, "log_interval": self.log_interval,
-                    "eval_every": self.eval_every}
-        bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+                    "eval_every": self.eval_every, **self.positive_fields()}
+        bad = [f"{_flag(k)} must be >= 1, got {v}" for k, v in positive.items() if v is not None and v < 1]
         non_negative = {"workers": self.workers, "warmup_epochs": self.warmup_epochs,
                         "cooldown_epochs": self.cooldown_epochs, "checkpoint_steps": self.checkpoint_steps,
-                        "train_images": self.train_images, **self.non_negative_fields()}
-        bad += [f"{k}={v}" for k, v in non_negative.items() if v is not None and v < 0]
+                        "train_images": self.train_images, "threads": self.threads, **self.non_negative_fields()}
+        bad += [f"{_flag(k)} must be >= 0, got {v}" for k, v in non_negative.items() if v is not None and v < 0]
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            bad.append(f"ema_decay={self.ema_decay}")
+            bad.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         return bad
+
+    def positive_fields(self) -> dict[str, Any]:
+        """A task's own fields that must be >= 1 (``None``: unset, passes)."""
+        return {}
 
     def non_negative_fields(self) -> dict[str, Any]:
         """A task's own fields that must not be negative (``None``: unset, passes)."""
@@ -129,9 +135,14 @@ class RunConfig:
         """
         bad = self.invalid_values()
         if bad:
-            raise ValueError(f"invalid training arguments: {', '.join(bad)}")
+            raise ValueError(f"invalid training arguments: {'; '.join(bad)}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {self.amp!r}")
+
+
+def _flag(name: str) -> str:
+    """A config field as its command-line option (Python callers see the same name with ``-`` for ``_``)."""
+    return "--" + name.replace("_", "-")
 
 
 def check_config(cfg: RunConfig) -> None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,15 +34,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..runtime import amp_dtype
-from ..serialization import save_weights
+from ..serialization import CheckpointError, check_fit, remove_stale_temporaries, save_weights
 from .auto import cpu_threads, describe_auto_settings, resolve_schedule_settings
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import ResumeMismatchError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig, absolute_paths
 from .distributed import average_bn_stats, cleanup, init_distributed, rank_divergence, reduce_sums
 from .loader import LoaderOptions, build_eval_loader, build_train_loader, shutdown_workers
 from .optim import create_optimizer, create_schedule, effective_lr, global_batch
 from .reporting import log, plot_curves, write_json, write_summary_csv
-from .run import TrainingDiverged, TrainingInterrupted, check_output, remove_run_outputs
+from .run import RUN_OUTPUTS, TrainingDiverged, TrainingInterrupted, check_output, remove_run_outputs
 from .task import LoaderSpec, Task, task_for_config
 
 __all__ = ["Progress", "Trainer", "run_training", "seed_everything", "train"]
@@ -87,6 +88,10 @@ class Trainer:
         self.cfg: RunConfig = task.cfg
         self.out = Path(self.cfg.output)
         check_output(self.cfg)
+        if task.info.is_primary:  # temporary files of a write killed in an earlier start of this run
+            for name in RUN_OUTPUTS:
+                for tmp in remove_stale_temporaries(self.out / name):
+                    log(self.info, f"removed {tmp.name}, left by an interrupted write of {name}")
         self.started = time.perf_counter()
         self.progress = Progress()
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # any NaN/inf loss unchecked
@@ -153,7 +158,8 @@ class Trainer:
         if spec.val_set is not None:
             self.val_loader = build_eval_loader(
                 spec.val_set, spec.eval_transform, spec.eval_batch_size or cfg.batch_size, options,
-                world_size=info.world_size, rank=info.rank, indices=spec.val_indices, collate_fn=spec.collate_fn)
+                world_size=info.world_size, rank=info.rank, indices=spec.val_indices,
+                collate_fn=spec.eval_collate_fn or spec.collate_fn)
 
     def _place_model(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
@@ -260,8 +266,33 @@ class Trainer:
             save_weights(model, path, metadata=meta)
         return str(path)
 
+    def _check_same_model(self, source: str, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model than the configured one, naming the differing settings (model,
+        model_kwargs, num_classes) or else the first mismatched tensors.
+
+        Raises:
+            ResumeMismatchError: the message says to resume with the run's own settings.
+        """
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        differing = [f"{key} {saved[key]!r} (checkpoint) vs {getattr(self.cfg, key)!r} (now)"
+                     for key in ("model", "model_kwargs", "num_classes")
+                     if key in saved and saved[key] != getattr(self.cfg, key, None)]
+        detail = ""
+        try:
+            check_fit(self.model, state["state_dict"], what="checkpoint")
+        except CheckpointError as e:
+            detail = str(e).split(": ", 1)[-1]
+        if not detail:
+            return
+        what = "; ".join(differing) if differing else detail
+        raise ResumeMismatchError(
+            f"{source} was trained with another model than the one configured now: {what}. Resume with the run's "
+            "own settings (leave --model / --model-kwargs unset, or restore them in its config.json)"
+        )
+
     def _resume(self, source: str) -> None:
         state = load_checkpoint(source)
+        self._check_same_model(source, state)
         self.model.load_state_dict(state["state_dict"])
         if self.ema is not None:
             if state.get("state_dict_ema") is None:
@@ -296,10 +327,15 @@ class Trainer:
         """
         if reduce_sums([float(self.nonfinite)], self.info)[0] > 0:
             p = self.progress
+            remedy = "a lower lr, a longer warmup, gradient clipping, or bf16 instead of fp16"
+            if self.last_checkpoint is not None and Path(self.last_checkpoint).exists():
+                where = (f"The last good checkpoint is {self.last_checkpoint}: resume from it (--resume) with "
+                         f"{remedy}")
+            else:
+                where = f"No checkpoint was written before it: start the run again with {remedy}"
             raise TrainingDiverged(
                 f"the loss became NaN/inf in epoch {p.epoch + 1}, by optimizer step {p.global_step} (lr "
-                f"{self._current_lr():.3g}); training stopped. The last good checkpoint is {self.out / 'last.pt'}: "
-                "resume from it with a lower lr, a longer warmup, gradient clipping, or bf16 instead of fp16"
+                f"{self._current_lr():.3g}); training stopped. {where}"
             )
 
     def _current_lr(self) -> float:
@@ -330,8 +366,9 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         self.train_model.train()
         self.task.start_epoch(epoch)
+        shown = cfg.progress and self.info.is_primary and sys.stderr.isatty()  # no bar redraws in a log file
         bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
-                   unit="step", disable=not (cfg.progress and self.info.is_primary), dynamic_ncols=True, leave=True)
+                   unit="step", disable=not shown, dynamic_ncols=True, leave=True)
         try:
             self._train_steps(epoch, bar)
         finally:  # also on Ctrl-C: the bar ends its line before any message
@@ -401,7 +438,7 @@ class Trainer:
             row.update(self.evaluate(self.model))
             if self.ema is not None:
                 row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()
-                            if k != "count" and isinstance(v, (int, float))})
+                            if k not in ("count", "val_skipped") and isinstance(v, (int, float))})
         row["skipped_images"] = self._skipped_count()
         kind, score = self._select(row)
         p.history.append(row)

@@ -103,5 +103,6 @@ def check_output(cfg: Any) -> None:
     else:
         reached = f"from epoch {progress.get('epoch', 0)}"
     run = cfg.output
-    raise RunExistsError(f"{run} already holds a training run (last.pt {reached}): pass --resume {run} to continue "
-                         "it, or choose another --output (--overwrite replaces it)")
+    raise RunExistsError(f"{run} already holds a training run (last.pt {reached}): continue it with resume={run!r} "
+                         f"(command line: --resume {run}), or choose another output (--output), or replace it with "
+                         "overwrite=True (--overwrite)")

@@ -40,6 +40,7 @@ class LoaderSpec:
         val_set: validation dataset or ``None`` (no evaluation).
         eval_transform: applied to each validation sample.
         collate_fn: joins samples into a batch (``None``: torch's default stacking).
+        eval_collate_fn: joins validation samples (``None``: ``collate_fn``), e.g. leaving unreadable images out.
         train_indices: the training samples of an epoch, repeats allowed (``None``: all, once).
         val_indices: the validation samples evaluated (``None``: all).
         eval_batch_size: images per evaluation batch (``None``: the run's ``batch_size``).
@@ -52,6 +53,7 @@ class LoaderSpec:
     val_set: Any = None
     eval_transform: Any = None
     collate_fn: Callable | None = None
+    eval_collate_fn: Callable | None = None
     train_indices: list[int] | None = None
     val_indices: list[int] | None = None
     eval_batch_size: int | None = None

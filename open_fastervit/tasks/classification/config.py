@@ -77,8 +77,11 @@ class TrainConfig(RunConfig):
 
     TASK: ClassVar[str] = "classification"
 
+    def positive_fields(self) -> dict[str, Any]:
+        return {"img_size": self.img_size, "recount": self.recount}
+
     def non_negative_fields(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("mesa", "mixup", "cutmix", "reprob")}
+        return {k: getattr(self, k) for k in ("mesa", "mixup", "cutmix", "reprob", "val_images", "mixup_off_epoch")}
 
     def check(self) -> None:
         """The shared checks, then: MESA needs the EMA, mixup/cutmix an even batch, one source of weights.

@@ -17,6 +17,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from ...data import DatasetError, class_names, describe_data, ensure_randaugment_compat, eval_transform, open_dataset
+from ...labels import ReadableImages, no_readable_image, readable_collate
 from ...loading import load_model
 from ...train.distributed import reduce_sums
 from ...train.loader import subset_indices
@@ -26,8 +27,9 @@ from ...validate import evaluate
 from .config import TrainConfig, resolve_augmentation
 from .mesa import MesaLoss
 
-__all__ = ["ClassificationTask", "check_sample", "classification_transforms", "create_classifier",
-           "infer_num_classes", "open_classification_data", "probe_unused_parameters", "train_count"]
+__all__ = ["ClassificationTask", "check_sample", "classes_without_readable_images", "classification_transforms",
+           "create_classifier", "infer_num_classes", "open_classification_data", "probe_unused_parameters",
+           "train_count"]
 
 
 def create_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
@@ -114,6 +116,25 @@ def check_sample(dataset: Any, transform: Any, in_chans: int) -> None:
         raise DatasetError(f"training targets must be class indices >= 0, got {target!r}")
 
 
+def classes_without_readable_images(train_set: Any, indices: list[int] | None = None) -> list[str]:
+    """Names of the classes whose every training image (of ``indices``, default all) is flagged unreadable by
+    ``SkipUnreadable`` so far; empty for datasets that do not flag images or do not list their samples."""
+    bad = getattr(train_set, "bad", None)
+    base = getattr(train_set, "dataset", train_set)
+    samples = getattr(getattr(base, "reader", None), "samples", None)
+    names = class_names(train_set)
+    if not isinstance(bad, torch.Tensor) or not samples or not names or not bool(bad.any()):
+        return []
+    chosen = range(len(samples)) if indices is None else sorted(set(indices))
+    total, flagged = [0] * len(names), [0] * len(names)
+    for index in chosen:
+        target = int(samples[index][1])
+        if 0 <= target < len(names):
+            total[target] += 1
+            flagged[target] += int(bad[index])
+    return [name for name, t, f in zip(names, total, flagged) if t and f == t]
+
+
 def probe_unused_parameters(model: nn.Module, input_size: tuple[int, ...], device: torch.device) -> list[str]:
     """Parameters that receive no gradient at this input size (one eval-mode pass, no RNG, no BN update).
 
@@ -147,6 +168,10 @@ class ClassificationTask(Task):
         self.num_classes = infer_num_classes(cfg, self.train_set)
         self.cfg, self.auto_reasons = resolve_augmentation(cfg, train_count(cfg, self.train_set))
         self.class_names = class_names(self.train_set)
+        # scored images are the ones really read: an unreadable val image is left out, never replaced
+        if self.val_set is not None and hasattr(self.val_set, "reader") and hasattr(self.val_set, "__len__"):
+            self.val_set = ReadableImages(self.val_set)
+        self.unreadable_classes: list[str] = []
 
     def build_model(self) -> nn.Module:
         model, self.reinitialised = create_classifier(self.cfg, self.num_classes)
@@ -161,8 +186,10 @@ class ClassificationTask(Task):
         check_sample(self.train_set, train_tf, self.data_cfg["input_size"][0])
         size = len(self.train_set) if hasattr(self.train_set, "__len__") else 0
         val_size = len(self.val_set) if self.val_set is not None and hasattr(self.val_set, "__len__") else 0
+        self.train_indices = subset_indices(size, cfg.train_images, cfg.seed)
+        eval_collate = readable_collate if isinstance(self.val_set, ReadableImages) else None
         return LoaderSpec(train_set=self.train_set, train_transform=train_tf, val_set=self.val_set,
-                          eval_transform=eval_tf, train_indices=subset_indices(size, cfg.train_images, cfg.seed),
+                          eval_transform=eval_tf, train_indices=self.train_indices, eval_collate_fn=eval_collate,
                           val_indices=subset_indices(val_size, cfg.val_images, cfg.seed),
                           input_size=tuple(self.data_cfg["input_size"]))
 
@@ -223,20 +250,50 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device,
                  amp_dtype: torch.dtype | None) -> dict[str, Any]:
-        """Top-1/top-5 (%) and loss on the val split, each rank on its shard, reduced over ranks."""
-        local = evaluate(model, loader, device=device, amp_dtype=amp_dtype)
+        """Top-1/top-5 (%) and loss on the val split, each rank on its shard, reduced over ranks: ``count`` images
+        scored, ``val_skipped`` unreadable ones left out (never replaced by other images).
+
+        Raises:
+            DatasetError: no val image of any rank could be read (names the folder and the first files).
+        """
+        try:
+            local = evaluate(model, loader, device=device, amp_dtype=amp_dtype)
+        except ValueError as e:
+            if "empty loader" not in str(e):
+                raise
+            local = {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0}  # this rank read no image of its shard
         n = local["count"]
-        top1, top5, loss, count = reduce_sums([local["top1"] * n, local["top5"] * n, local["loss"] * n, n],
-                                              self.info)
-        return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, "count": int(count)}
+        bad = getattr(self.val_set, "bad", None)
+        skipped = float(bad.sum()) if isinstance(bad, torch.Tensor) else 0.0
+        top1, top5, loss, count, skipped = reduce_sums(
+            [local["top1"] * n, local["top5"] * n, local["loss"] * n, n, skipped], self.info)
+        if count == 0:
+            raise no_readable_image(self.val_set, getattr(self.val_set, "root", None) or self.cfg.val_split)
+        return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, "count": int(count),
+                "val_skipped": int(skipped)}
 
     def describe_metrics(self, row: dict[str, Any]) -> list[str]:
         parts = []
         if "top1" in row:
-            parts.append(f"top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}")
+            parts.append(f"top-1 {row['top1']:.2f} top-5 {row['top5']:.2f} on {row['count']} val images")
+            if row.get("val_skipped"):
+                names = self.val_set.skipped()[:3] if isinstance(self.val_set, ReadableImages) else []
+                parts.append(f"{row['val_skipped']} unreadable val images skipped (e.g. {', '.join(names)})")
         if "ema_top1" in row:
             parts.append(f"EMA top-1 {row['ema_top1']:.2f}")
+        self._warn_unreadable_classes()
         return parts
+
+    def _warn_unreadable_classes(self) -> None:
+        """Warn (once per class) about classes none of whose training images could be read so far: the model
+        learns nothing of them. Known at the end of the first epoch (finding it at the start would mean decoding
+        the whole training set once more)."""
+        names = classes_without_readable_images(self.train_set, self.train_indices)
+        new = [n for n in names if n not in self.unreadable_classes]
+        if new:
+            self.unreadable_classes.extend(new)
+            log(self.info, f"warning: class(es) {', '.join(new)} have no readable training image (every one is "
+                           "unreadable and skipped): the model learns nothing of them")
 
     def weights_metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"architecture": self.cfg.model}
@@ -247,4 +304,4 @@ class ClassificationTask(Task):
         return meta
 
     def result(self) -> dict[str, Any]:
-        return {"head_reinitialised": self.reinitialised}
+        return {"head_reinitialised": self.reinitialised, "classes_without_readable_images": self.unreadable_classes}

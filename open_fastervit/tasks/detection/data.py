@@ -94,7 +94,37 @@ def _read_json(path: Path) -> dict[str, Any]:
     ids = [c.get("id") if isinstance(c, dict) else None for c in categories]
     if any(not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
         raise DatasetError(f"annotation file {path}: category ids must be distinct integers, got {ids}")
+    _check_unique(path, data)
     return data
+
+
+def _repeated(values: Sequence[Any]) -> list[Any]:
+    """The values that occur more than once, in first-occurrence order."""
+    counts = Counter(values)
+    return [v for v in dict.fromkeys(values) if counts[v] > 1]
+
+
+def _check_unique(path: Path, data: dict[str, Any]) -> None:
+    """Image ids, image file names and annotation ids must each be distinct: a repeated image would be trained and
+    scored twice (its boxes counted twice in mAP), a repeated annotation id breaks the COCO evaluation.
+
+    Raises:
+        DatasetError: naming the repeated values (the first few) and how many there are.
+    """
+    images = [i for i in data["images"] if isinstance(i, dict)]
+    checks = (("image id", [i["id"] for i in images if "id" in i]),
+              ("image file_name", [i["file_name"] for i in images if i.get("file_name")]),
+              ("annotation id", [a["id"] for a in data["annotations"] if isinstance(a, dict) and "id" in a]))
+    problems = []
+    for what, values in checks:
+        try:
+            repeated = _repeated(values)
+        except TypeError:  # unhashable ids (lists, objects): malformed entries, reported where they are read
+            continue
+        if repeated:
+            problems.append(f"{len(repeated)} {what}(s) listed more than once: {_examples([str(v) for v in repeated])}")
+    if problems:
+        raise DatasetError(f"annotation file {path}: " + "; ".join(problems) + " (each must be listed once)")
 
 
 def _valid_segmentation(segm: Any, height: int, width: int) -> bool:
