@@ -245,6 +245,13 @@ def _is_fused(model: nn.Module) -> bool:
 
 
 def _default_size(model: nn.Module) -> tuple[int, int]:
+    """The evaluation size the weights were saved with (``weights_info``), else the model cfg's."""
+    info = getattr(model, "weights_info", None) or {}
+    if (info.get("data_config") or {}).get("input_size"):
+        size = info["data_config"]["input_size"]
+        return int(size[-2]), int(size[-1])
+    if info.get("img_size"):
+        return int(info["img_size"]), int(info["img_size"])
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
     return int(size[-2]), int(size[-1])
 
@@ -271,7 +278,8 @@ def export_model(
             with ``torch.export.save``) or ``"openvino"`` (an OpenVINO IR, ``.xml`` + ``.bin``, needs openvino).
         dynamic_size: dynamic height and width from :func:`min_dynamic_size` up (else fixed at ``example_size``).
             Batch is always dynamic.
-        example_size: ``(H, W)`` to trace with. Default: the model's cfg size, raised to the dynamic bound when
+        example_size: ``(H, W)`` to trace with. Default: the size stored with the weights (``weights_info``
+            ``data_config`` / ``img_size``), else the model's cfg size, raised to the dynamic bound when
             ``dynamic_size`` (and one side made 32 px longer, so the example is not square).
         fuse: export the inference form (``model.fuse(pack=False)`` on a copy; the model is left as it is).
         opset: ONNX opset (default: the exporter's).
