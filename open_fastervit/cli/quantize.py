@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         "per-channel weights. The file keeps the class names and preprocessing, so `fastervit validate "
         "--checkpoint FILE`, `fastervit predict --checkpoint FILE` and `fastervit bench --models FILE` take it. "
         "Batch is dynamic; height and width are fixed at the evaluation size unless --dynamic-size. An --output "
-        "ending in .xml quantizes with NNCF to an OpenVINO IR instead (needs openvino and nncf; --method and "
-        "--full-range apply to the onnxruntime route only).",
+        "ending in .xml quantizes with NNCF to an OpenVINO IR instead (needs openvino and nncf; --method applies "
+        "to the onnxruntime route only).",
     )
     p.add_argument("source", help="model name, .safetensors, training checkpoint, official .pth.tar, or a "
                    "Hugging Face/timm model folder (as open_fastervit.load_model takes)")
@@ -81,7 +81,7 @@ def _openvino(args: argparse.Namespace) -> int:
     try:
         path = quantize_openvino(
             args.source, args.calib, args.output, num_calib=args.num_calib, img_size=args.img_size,
-            dynamic_size=args.dynamic_size, seed=args.seed, architecture=args.model,
+            dynamic_size=args.dynamic_size, reduce_range=args.reduce_range, seed=args.seed, architecture=args.model,
             model_kwargs=args.model_kwargs or None, use_ema=False if args.raw else None,
         )
         model = load_openvino(path)

@@ -429,6 +429,7 @@ def quantize_openvino(
     num_calib: int = 128,
     img_size: int | None = None,
     dynamic_size: bool = False,
+    reduce_range: bool = True,
     seed: int = 0,
     architecture: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
@@ -450,6 +451,9 @@ def quantize_openvino(
         img_size: evaluation / calibration side in px (default: the checkpoint's or the model cfg's).
         dynamic_size: dynamic height and width from ``min_dynamic_size(model)`` up (needs ``img_size`` at least
             that); else fixed at ``img_size``. Batch is always dynamic.
+        reduce_range: 7-bit weights in every layer (NNCF ``OverflowFix.ENABLE``): without VNNI the CPU's u8 x s8
+            kernels add pairs of products in int16, which saturates with full 8-bit weights (as in the onnxruntime
+            route); ``False`` keeps NNCF's default (only the first layer reduced), for CPUs with VNNI or AMX.
         seed: order in which calibration files are picked.
         architecture, model_kwargs, use_ema: passed to ``load_model`` for a name or file ``source``.
 
@@ -495,9 +499,16 @@ def quantize_openvino(
         except ExportError as e:
             raise QuantizeError(f"cannot convert the fp32 model to OpenVINO: {e}") from None
         batches = [images[i:i + 1].numpy() for i in range(len(images))]
+        overflow = "ENABLE" if reduce_range else "FIRST_LAYER"
         try:
-            quantized = nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches),
-                                      model_type=nncf.ModelType.TRANSFORMER)
+            from nncf.quantization.advanced_parameters import (  # optional dependency (nncf, checked above)
+                AdvancedQuantizationParameters,
+                OverflowFix,
+            )
+
+            quantized = nncf.quantize(
+                ov_model, nncf.Dataset(batches), subset_size=len(batches), model_type=nncf.ModelType.TRANSFORMER,
+                advanced_parameters=AdvancedQuantizationParameters(overflow_fix=getattr(OverflowFix, overflow)))
         except Exception as e:  # NNCF raises many types (its own, RuntimeError, ValueError)
             first = str(e).splitlines()[0] if str(e) else ""
             raise QuantizeError(f"NNCF could not quantize the model: {type(e).__name__}: {first}") from e
@@ -509,7 +520,8 @@ def quantize_openvino(
             "method": "nncf", "num_calib": len(calib.files), "calib_dir": str(calib_dir),
             "skipped_files": len(calib.skipped), "seconds": round(seconds, 1), "check": check,
             "nncf": str(nncf.__version__), "openvino": str(_ov().__version__),
-            "activations": "int8 per tensor", "weights": "int8 per output channel",
+            "activations": "int8 per tensor", "reduce_range": reduce_range, "overflow_fix": overflow,
+            "weights": f"int8 per output channel{' (7-bit range)' if reduce_range else ''}",
         }),
         MODEL_KWARGS_KEY: json.dumps(info.get("model_kwargs") or {}, default=str),
         SOURCE_KEY: str(source) if given is None else str(info.get("file") or type(given).__name__),
