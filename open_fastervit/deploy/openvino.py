@@ -9,7 +9,9 @@
 - :func:`quantize_openvino` (``fastervit quantize SOURCE --calib DIR -o model.int8.xml``): ``nncf.quantize`` of
   that IR on real calibration images read and preprocessed as the onnxruntime route does
   (:func:`open_fastervit.deploy.quantize.calibration_images` and the model's evaluation transform), with NNCF's
-  transformer scheme (``ModelType.TRANSFORMER``), then the quick check (top-1 agreement and relative logit error
+  default scheme (not ``ModelType.TRANSFORMER``: on a tiny FasterViT trained for 100 steps, 64 calibration images,
+  that scheme agreed with fp32 on 41% of tiny-imagenet-10 val and took top-1 from 45.4% to 28.8%; the default scheme
+  agreed on 96.8% at 46.2% top-1), then the quick check (top-1 agreement and relative logit error
   against the fp32 inference form) stored in the file.
 - :func:`load_openvino` opens either as an :class:`OpenVINOModel` (``load_model("model.xml")`` does, registered
   by :mod:`open_fastervit.deploy.runtimes`) compiled for the CPU at a precision: ``"fp32"``, ``"bf16"``,
@@ -440,7 +442,7 @@ def quantize_openvino(
     The fused inference form is converted to OpenVINO (as ``fastervit export -o model.xml``), ``nncf.quantize``
     calibrates it on ``num_calib`` images of ``calib_dir`` (read and preprocessed as the onnxruntime route reads
     them: :func:`~open_fastervit.deploy.quantize.calibration_images` and the evaluation transform) with its
-    transformer scheme, and the first :data:`~open_fastervit.deploy.quantize.CHECK_IMAGES` images check the int8
+    default scheme, and the first :data:`~open_fastervit.deploy.quantize.CHECK_IMAGES` images check the int8
     model against fp32 (top-1 agreement, largest relative logit error), stored in the file.
 
     Args:
@@ -507,7 +509,7 @@ def quantize_openvino(
             )
 
             quantized = nncf.quantize(
-                ov_model, nncf.Dataset(batches), subset_size=len(batches), model_type=nncf.ModelType.TRANSFORMER,
+                ov_model, nncf.Dataset(batches), subset_size=len(batches),
                 advanced_parameters=AdvancedQuantizationParameters(overflow_fix=getattr(OverflowFix, overflow)))
         except Exception as e:  # NNCF raises many types (its own, RuntimeError, ValueError)
             first = str(e).splitlines()[0] if str(e) else ""
@@ -516,7 +518,7 @@ def quantize_openvino(
     check = _quick_check(quantized, fused, images[:CHECK_IMAGES])
     meta.update({
         QUANT_KEY: json.dumps({
-            "format": "OpenVINO IR (NNCF FakeQuantize)", "scheme": "NNCF ModelType.TRANSFORMER, preset performance",
+            "format": "OpenVINO IR (NNCF FakeQuantize)", "scheme": "NNCF default (preset performance)",
             "method": "nncf", "num_calib": len(calib.files), "calib_dir": str(calib_dir),
             "skipped_files": len(calib.skipped), "seconds": round(seconds, 1), "check": check,
             "nncf": str(nncf.__version__), "openvino": str(_ov().__version__),
