@@ -19,10 +19,12 @@
   whatever the hint). bf16 / fp16 are refused on a CPU whose ``OPTIMIZATION_CAPABILITIES`` lack them; ``"auto"``
   takes bf16 where the CPU has it, else fp32 with a note.
 
-**Conversion route**: the IR is converted from the torch model (``openvino.convert_model(module)``), not from
-our ONNX file: measured on FasterViT-0 at 224 px (AMD EPYC, AVX2, 2 threads; ``bench --runtimes``'s timing
-loop), both IRs give the same outputs (relative error to eager below 1e-5) and run at the same speed, and the
-torch route needs neither onnx nor onnxscript and no temporary file.
+**Conversion route**: FasterViT refuses ``torch.jit.trace`` (its window geometry depends on the input size), so
+the torch model goes to ``openvino.convert_model`` as a ``torch.export`` program (dynamic batch and, for a
+dynamic-size file, height / width as ``torch.export.Dim``). Converting our ONNX file instead
+(``openvino.convert_model("model.onnx")``) gives an IR too; on the tiny test model (64 px, 2 busy AVX2 cores) the
+torch route took 13 s to export and 31 s to convert, the ONNX route 26 s to export and 3 s to convert, both within
+noise of each other, and the torch route needs neither onnx nor onnxscript.
 
 openvino and nncf are optional dependencies (``pip install 'open-fastervit[openvino]'``), imported only here and
 only when used.
