@@ -13,6 +13,9 @@ from open_fastervit.deploy.forms import load_chosen
 from open_fastervit.predict import ImageReadError, expand_images, format_prediction, load_image, predict
 from open_fastervit.runtime import PRECISION_CHOICES, RUNTIMES
 
+#: Images from which ``--runtime auto`` measures the forms (fewer: a cached choice, else torch fp32).
+MEASURE_FROM = 64
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="who runs the model (default auto: the fastest available form that answers as fp32, "
-                        "measured once per machine and model and cached; a file of export / quantize runs in its "
-                        "own runtime)")
+                        f"measured once per machine and model for jobs of {MEASURE_FROM}+ images and cached; a "
+                        "file of export / quantize runs in its own runtime)")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                         help="fp32, bf16, fp16 or auto (default: bf16 only where the hardware has it natively and "
                         "its top-1 agrees with fp32 on the images given)")
@@ -52,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
     call = model_call_args(args)
     try:
+        count = len(expand_images(args.images, recursive=args.recursive, keep_missing=True))
         chosen = load_chosen(call.pop("checkpoint") or args.model,
                              architecture=args.model if args.checkpoint else None, runtime=args.runtime,
                              precision=args.precision, check_images=_check_images(args), device=call.pop("device"),
                              model_kwargs=call.pop("model_kwargs"), use_ema=None if call.pop("use_ema") else False,
-                             pretrained=call.pop("pretrained"), fuse=call.pop("fuse"), img_size=call["img_size"])
+                             pretrained=call.pop("pretrained"), fuse=call.pop("fuse"), img_size=call["img_size"],
+                             measure=count >= MEASURE_FROM)
         print(f"fastervit predict: runtime {chosen.reason}", file=sys.stderr)
         preds = predict(args.images, chosen.module, classes=args.classes, topk=args.topk, on_error=report,
                         recursive=args.recursive, img_size=call["img_size"], device=_device_of(chosen.module))

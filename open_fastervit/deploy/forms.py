@@ -163,6 +163,7 @@ def choose_form(
     threads: int | None = None,
     rounds: int = 3,
     cache: bool | str | Path = True,
+    measure: bool = True,
 ) -> ChosenForm:
     """The fastest available form of ``model`` that answers as fp32 (see the module docstring).
 
@@ -177,6 +178,8 @@ def choose_form(
         threads: CPU threads (default ``torch.get_num_threads()``).
         rounds: timed batches per candidate.
         cache: ``True`` (default file), ``False`` (no cache) or a path.
+        measure: ``False``: no conversion or timing now (a job too small to repay them): a cached choice when
+            there is one, else the first fp32 candidate (torch fp32 unless ``runtime`` names another).
 
     Returns:
         :class:`ChosenForm`.
@@ -212,6 +215,10 @@ def choose_form(
         timings = {str(k): float(v) for k, v in (entry.get("timings") or {}).items()}
         return ChosenForm(makers[name](), name, f"{name} (cached choice of {_describe(timings)}; {path})", timings,
                           cached=True)
+    if not measure:
+        name = next((n for n in makers if n.endswith("fp32")), next(iter(makers)))
+        return ChosenForm(makers[name](), name, f"{name} (too few images to repay measuring the other forms; a "
+                          "larger job measures them once and caches the choice)")
     built = {name: make() for name, make in makers.items()}
     x = (check_images[:batch_size] if check_images is not None and len(check_images) >= batch_size
          else torch.randn(batch_size, int(getattr(model, "in_chans", 3)), h, w)).to(dev)
@@ -336,13 +343,14 @@ def load_chosen(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     cache: bool | str | Path = True,
+    measure: bool = True,
     **predictor_args: Any,
 ) -> ChosenForm:
     """Load ``source`` as :class:`~open_fastervit.inference.Predictor` does, then :func:`choose_form` on it.
 
     Args:
         source: as ``Predictor`` takes (a model name, file, folder or module).
-        runtime, precision, batch_size, cache: as :func:`choose_form`.
+        runtime, precision, batch_size, cache, measure: as :func:`choose_form`.
         check_images: PIL images or image paths for the agreement check (e.g. the first images to predict; at
             most 32 are used), read through the model's own preprocessing.
         device: where torch runs (default: CUDA when visible).
@@ -356,4 +364,4 @@ def load_chosen(
     checks = predictor.preprocess(list(check_images)[:32]) if check_images else None
     size = (int(predictor.data_config["input_size"][1]), int(predictor.data_config["input_size"][2]))
     return choose_form(predictor.model, runtime=runtime, precision=precision, batch_size=batch_size, size=size,
-                       check_images=checks, device=predictor.device, cache=cache)
+                       check_images=checks, device=predictor.device, cache=cache, measure=measure)
