@@ -20,6 +20,12 @@ its inference form: ours ``fuse()``, the official one ``reparameterize_model``; 
 4. ``dense_compile``: item 2 compiled (FasterViT-2 fused).
 5. ``cls_compile_fastervit_1`` .. ``_4``: each of the other FasterViTs compiled alone (one item each, so that the
    budget guard can stop between them; compare with the eager rows of item 1).
+6. ``tensorrt``: FasterViT-0 as a TensorRT fp16 engine built from our ONNX export (``fastervit export``: batch
+   dynamic, 224 px) with one optimisation profile over batch 1 / 16 / 128 (:func:`trt_profile`; a dynamic-size
+   file also spans its height / width range), LayerNorm kept in fp32 (``OBEY_PRECISION_CONSTRAINTS``: fp16
+   LayerNorm is the known accuracy risk), checked against the fp32 eager model (:func:`fp16_check`: relative
+   logit error and top-1 agreement), timed at batch 128 next to eager fp16 autocast and ``torch.compile``. Where
+   ``import tensorrt`` fails the item says so in its note and the run goes on.
 
 Timing is ``open_fastervit.bench.measure_interleaved``: ``torch.cuda.synchronize`` before and after every timed
 turn, ``time.perf_counter`` around it, ``cudnn.benchmark`` on, memory from ``torch.cuda.max_memory_allocated``.
@@ -42,6 +48,7 @@ import importlib.util
 import json
 import math
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -49,10 +56,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
-from open_fastervit.bench import BenchConfig, BenchError, environment, resolve_device, run_benchmark
+from open_fastervit.bench import (
+    BenchConfig,
+    BenchError,
+    environment,
+    measure_interleaved,
+    resolve_device,
+    run_benchmark,
+)
 from open_fastervit.bench.dense import DenseConfig, run_dense
+from open_fastervit.deploy.export import export_model, load_exported
+from open_fastervit.fused import inference_form
 
 SCHEMA = "open_fastervit.bench_gpu/1"
 OURS = [f"fastervit_{i}" for i in range(5)]
@@ -110,7 +127,7 @@ class Item:
     """One measured unit of the suite: its runner returns a JSON-ready result."""
 
     name: str
-    kind: str  # "classification" or "dense"
+    kind: str  # "classification", "dense" or "tensorrt"
     compiled: bool
     estimate_s: float
     run: Callable[[], dict[str, Any]]
@@ -233,10 +250,170 @@ def plan_items(settings: Settings) -> list[Item]:
                             f"batch {settings.batch}, {settings.img_size} px, torch.compile"),
         dense_item("dense_compile", settings, True, 90, "backbones, torch.compile"),
     ]
+    items.insert(1, tensorrt_item(settings, 150))
     items += [classification_item(f"cls_compile_{m}", [m], settings, True, 60 + 15 * i,
                                   f"{m} alone, batch {settings.batch}, torch.compile (ratios: eager table)")
               for i, m in enumerate(more)]
     return items
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorRT
+# --------------------------------------------------------------------------------------------------
+
+#: Batch sizes of the TensorRT optimisation profile: min, opt, max.
+TRT_BATCHES = (1, 16, 128)
+#: Largest side of a dynamic-size profile, as a multiple of the optimum side (TensorRT needs a finite maximum).
+TRT_MAX_SIDE_FACTOR = 2
+#: fp16 engine vs fp32 eager: largest accepted ``max|out - ref| / max|ref|`` and lowest top-1 agreement.
+TRT_REL_TOL = 2e-2
+TRT_TOP1_MIN = 0.99
+
+
+def trt_profile(input_range: dict[str, Any], opt_size: tuple[int, int], batches: tuple[int, int, int] = TRT_BATCHES
+                ) -> dict[str, tuple[int, int, int, int]]:
+    """``{"min", "opt", "max"}`` input shapes ``(B, C, H, W)`` of a TensorRT profile for an exported file's stored
+    range (``open_fastervit.input_range``: ``height`` / ``width`` as ``[min, max|None]``, ``in_chans``).
+
+    A fixed size stays fixed; a dynamic axis spans its minimum to ``max(opt, min) * TRT_MAX_SIDE_FACTOR`` (or the
+    stored maximum), with the optimum at ``opt_size`` clamped into that span.
+
+    Raises:
+        ValueError: batches not ordered ``1 <= min <= opt <= max``.
+    """
+    b0, b1, b2 = batches
+    if not 1 <= b0 <= b1 <= b2:
+        raise ValueError(f"profile batches must satisfy 1 <= min <= opt <= max, got {batches}")
+    chans = int(input_range.get("in_chans", 3))
+    sides = []
+    for axis, opt in zip(("height", "width"), opt_size):
+        lo, hi = input_range[axis]
+        top = int(hi) if hi is not None else max(int(opt), int(lo)) * TRT_MAX_SIDE_FACTOR
+        sides.append((int(lo), min(max(int(opt), int(lo)), top), top))
+    (h0, h1, h2), (w0, w1, w2) = sides
+    return {"min": (b0, chans, h0, w0), "opt": (b1, chans, h1, w1), "max": (b2, chans, h2, w2)}
+
+
+def fp16_check(out: torch.Tensor, ref: torch.Tensor, rel_tol: float = TRT_REL_TOL,
+               top1_min: float = TRT_TOP1_MIN) -> dict[str, Any]:
+    """Reduced-precision logits ``out`` against fp32 ``ref`` (both ``(B, classes)``): ``max_rel_error``
+    (``max|out - ref| / max|ref|``), ``top1_agreement`` and ``ok`` (error <= ``rel_tol`` and agreement >=
+    ``top1_min``).
+
+    Raises:
+        ValueError: shapes that differ.
+    """
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} differs from the reference {tuple(ref.shape)}")
+    out, ref = out.float().cpu(), ref.float().cpu()
+    rel = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    return {"max_rel_error": rel, "top1_agreement": agree, "ok": rel <= rel_tol and agree >= top1_min,
+            "rel_tol": rel_tol, "top1_min": top1_min}
+
+
+def trt_onnx(model: torch.nn.Module, path: Path, img_size: int) -> tuple[Path, dict[str, Any]]:
+    """The ONNX file the TensorRT engine is built from: ``fastervit export`` of ``model`` (fp32, checked against
+    the eager model, batch dynamic, ``img_size`` fixed) and its stored input range."""
+    export_model(model, path, example_size=(img_size, img_size), fuse=True)
+    return path, load_exported(path).input_range
+
+
+class TrtEngine:
+    """A TensorRT engine built from an ONNX file (fp16, LayerNorm in fp32, one profile): ``engine(x) -> logits``,
+    ``x`` a CUDA ``(B, C, H, W)`` float tensor inside the profile."""
+
+    def __init__(self, onnx_path: Path, profile: dict[str, tuple[int, ...]], num_classes: int) -> None:
+        import tensorrt as trt  # optional: on the GPU machine only
+
+        self.trt, self.num_classes = trt, num_classes
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(Path(onnx_path).read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        kept = 0
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type == trt.LayerType.NORMALIZATION:
+                layer.precision = trt.float32
+                layer.set_output_type(0, trt.float32)
+                kept += 1
+        self.fp32_norm_layers = kept
+        self.input_name = network.get_input(0).name
+        self.output_name = network.get_output(0).name
+        opt_profile = builder.create_optimization_profile()
+        opt_profile.set_shape(self.input_name, profile["min"], profile["opt"], profile["max"])
+        config.add_optimization_profile(opt_profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError("TensorRT could not build the engine (see its log above)")
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+        self.context = self.engine.create_execution_context()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().float()
+        out = torch.empty(x.shape[0], self.num_classes, device=x.device, dtype=torch.float32)
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        return out
+
+
+def tensorrt_item(settings: Settings, estimate_s: float) -> Item:
+    """FasterViT-0: TensorRT fp16 engine vs eager fp16 autocast vs ``torch.compile`` fp16, batch ``settings.batch``."""
+
+    def run() -> dict[str, Any]:
+        name = settings.ours[0]
+        device = torch.device(settings.device)
+        model = timm.create_model(name, **settings.model_kwargs.get(name, {})).eval()
+        result: dict[str, Any] = {"model": name, "batch": settings.batch, "img_size": settings.img_size}
+        with tempfile.TemporaryDirectory(prefix="bench_gpu_trt_") as tmp:
+            onnx_path, rng = trt_onnx(model, Path(tmp) / "model.onnx", settings.img_size)
+            profile = trt_profile(rng, (settings.img_size, settings.img_size),
+                                  (1, min(16, settings.batch), max(settings.batch, 1)))
+            result["profile"] = profile
+            try:
+                import tensorrt  # optional: on the GPU machine only
+
+                result["tensorrt"] = tensorrt.__version__
+            except ImportError as e:
+                result["note"] = f"TensorRT not importable ({e}): engine not built, only the ONNX file was checked"
+                return result
+            if device.type != "cuda":
+                result["note"] = "TensorRT needs CUDA: engine not built"
+                return result
+            engine = TrtEngine(onnx_path, profile, int(model.num_classes))
+        result["fp32_norm_layers"] = engine.fp32_norm_layers
+        fused = inference_form(model).to(device).to(memory_format=torch.channels_last)
+        x = torch.randn(settings.batch, 3, settings.img_size, settings.img_size, device=device)
+        with torch.inference_mode():
+            ref = fused(x)
+            result["check"] = fp16_check(engine(x), ref)
+            compiled = torch.compile(fused, mode=settings.compile_mode)
+
+            def autocast(module: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+                def step() -> torch.Tensor:
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        return module(x.contiguous(memory_format=torch.channels_last))
+                return step
+
+            steps = {"tensorrt fp16": lambda: engine(x), "eager fp16": autocast(fused),
+                     "compile fp16": autocast(compiled)}
+            samples, errors = measure_interleaved(steps, warmup=settings.warmup, rounds=settings.rounds,
+                                                  sync=lambda: torch.cuda.synchronize(device))
+        result["img_s"] = {k: settings.batch / sorted(v)[len(v) // 2] for k, v in samples.items()}
+        result["errors"] = errors
+        return result
+
+    return Item("tensorrt", "tensorrt", False, estimate_s * settings.scale, run,
+                f"{settings.ours[0]} TensorRT fp16 engine from ONNX vs eager / compiled fp16, batch {settings.batch}")
 
 
 def _free_device(device: torch.device) -> None:
@@ -297,7 +474,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per measured (item, model, form, precision): img/s, ms, ratios, paper reference."""
     rows = []
     for rec in records:
-        if rec["status"] != "ok":
+        if rec["status"] != "ok" or rec["kind"] == "tensorrt":
             continue
         for r in rec["result"]["rows"]:
             row: dict[str, Any] = {
@@ -384,6 +561,23 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['model']} | {r['form']} | {r['precision']} | {'on' if r['compiled'] else 'off'} "
                          f"| {_num(r['latency_ms'], 2)} | {_num(r['img_per_s'])} | {_x(r['vs_swin_t'])} "
                          f"| {_x(r.get('fused_vs_plain'))} | {_num(r['peak_mem_mb'], 0)} |")
+    trt = next((r for r in result["items"] if r["kind"] == "tensorrt" and r["status"] == "ok"), None)
+    if trt:
+        res = trt["result"]
+        lines += ["", f"## TensorRT, {res['model']}, batch {res['batch']}, {res['img_size']} px", "",
+                  f"- profile (min / opt / max): {res['profile']['min']} / {res['profile']['opt']} / "
+                  f"{res['profile']['max']}; TensorRT {res.get('tensorrt', '-')}"]
+        if res.get("note"):
+            lines.append(f"- {res['note']}")
+        if res.get("check"):
+            c = res["check"]
+            lines.append(f"- fp16 engine vs fp32 eager: relative logit error {c['max_rel_error']:.2e} (<= "
+                         f"{c['rel_tol']:g}), top-1 agreement {100 * c['top1_agreement']:.1f}% "
+                         f"({'ok' if c['ok'] else 'FAILS the check'}); LayerNorm layers kept fp32: "
+                         f"{res.get('fp32_norm_layers')}")
+        if res.get("img_s"):
+            lines += ["", "| form | img/s |", "|---|---:|"]
+            lines += [f"| {k} | {_num(v)} |" for k, v in res["img_s"].items()]
     lines += ["", "## Items", "", "| item | status | seconds | note |", "|---|---|---:|---|"]
     for rec in result["items"]:
         note = rec.get("note") or rec.get("error") or rec["description"]

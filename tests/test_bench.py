@@ -320,3 +320,29 @@ def test_an_inference_form_that_computes_another_function_is_flagged(tmp_path: P
     markdown = (out / "bench.md").read_text()
     assert "test_convnext: inference form vs the model as built, largest absolute output difference" in markdown
     assert markdown.count("NOT the same function") == 1
+
+
+def test_bench_runtimes_quick_side_by_side(tmp_path: Path, capsys) -> None:
+    """``fastervit bench --runtimes --quick``: every asked form timed or skipped with its reason, ratios, agreement."""
+    from open_fastervit.cli import main as cli_main
+
+    out = tmp_path / "rt"
+    rc = cli_main(["bench", "--runtimes", "--quick", "--out", str(out),
+                   "--forms", "authors fp32,torch fp32,torch bf16,openvino fp32,openvino bf16"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    result = json.loads((out / "runtimes.json").read_text())
+    forms = result["forms"]
+    assert "authors' package builds its published architectures only" in forms["authors fp32"]["skipped"]
+    assert forms["torch.compile"]["skipped"] == "not asked for"
+    assert forms["torch fp32"]["agreement"] == 1.0 and forms["openvino fp32"]["agreement"] == 1.0
+    assert forms["openvino fp32"]["max_rel_error"] < 1e-4
+    if "BF16" not in result["openvino_capabilities"]:
+        assert "no BF16" in forms["openvino bf16"]["skipped"]
+    if "bf16" not in result["native_precisions"]:
+        assert "emulated" in forms["torch bf16"]["note"]
+    rows = {(r["form"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) >= {(f, b) for f in ("torch fp32", "torch bf16", "openvino fp32") for b in (1, 4)}
+    assert rows[("torch fp32", 4)]["vs_ours_fp32"] == 1.0 and rows[("openvino fp32", 1)]["vs_authors_fp32"] is None
+    table = (out / "runtimes.md").read_text()
+    assert "| openvino fp32 | 4 |" in table and "authors fp32: skipped" in table and table in printed.out

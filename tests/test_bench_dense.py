@@ -282,7 +282,7 @@ def test_gpu_suite_budget_guard_skips_everything(gpu_suite, tmp_path: Path):
     assert gpu_suite.main(["--dry-run", "--device", "cpu", "--budget-min", "0.0001", "--out", str(out)]) == 0
     result = json.loads((out / "bench_gpu.json").read_text())
     assert result["budget"]["skipped"] == [i["name"] for i in result["items"]] == [
-        "cls_eager", "dense_eager", "cls_compile", "dense_compile"]
+        "cls_eager", "tensorrt", "dense_eager", "cls_compile", "dense_compile"]
     assert all(i["note"].startswith("skipped: estimated") for i in result["items"]) and result["summary"] == []
     assert "| cls_eager | skipped |" in (out / "bench_gpu.md").read_text()
 
@@ -291,3 +291,33 @@ def test_gpu_suite_budget_guard_skips_everything(gpu_suite, tmp_path: Path):
 def test_gpu_suite_needs_cuda_unless_dry_run(gpu_suite, tmp_path: Path, capsys):
     assert gpu_suite.main(["--out", str(tmp_path)]) == 2
     assert "--dry-run --device cpu" in capsys.readouterr().err
+
+
+def test_tensorrt_profile_and_tolerance(gpu_suite):
+    fixed = {"batch": [1, None], "height": [224, 224], "width": [224, 224], "in_chans": 3}
+    assert gpu_suite.trt_profile(fixed, (224, 224)) == {
+        "min": (1, 3, 224, 224), "opt": (16, 3, 224, 224), "max": (128, 3, 224, 224)}
+    dynamic = {"batch": [1, None], "height": [225, None], "width": [225, 600], "in_chans": 3}
+    assert gpu_suite.trt_profile(dynamic, (224, 320)) == {
+        "min": (1, 3, 225, 225), "opt": (16, 3, 225, 320), "max": (128, 3, 450, 600)}
+    with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
+        gpu_suite.trt_profile(fixed, (224, 224), (16, 1, 128))
+    ref = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    close = gpu_suite.fp16_check(ref + 0.01, ref)
+    assert close["ok"] and close["top1_agreement"] == 1.0 and close["max_rel_error"] == pytest.approx(0.01 / 3)
+    flipped = gpu_suite.fp16_check(ref.flip(0), ref)
+    assert not flipped["ok"] and flipped["top1_agreement"] == 0.0
+    with pytest.raises(ValueError, match="differs"):
+        gpu_suite.fp16_check(ref[:1], ref)
+
+
+def test_tensorrt_item_on_cpu_checks_the_onnx_and_says_why_no_engine(gpu_suite, tmp_path: Path):
+    out = tmp_path / "trt"
+    assert gpu_suite.main(["--dry-run", "--device", "cpu", "--out", str(out), "--items", "tensorrt"]) == 0
+    result = json.loads((out / "bench_gpu.json").read_text())
+    (item,) = result["items"]
+    assert item["status"] == "ok", item.get("error")
+    res = item["result"]
+    assert res["profile"] == {"min": [1, 3, 64, 64], "opt": [2, 3, 64, 64], "max": [2, 3, 64, 64]}
+    assert "TensorRT not importable" in res["note"] or "needs CUDA" in res["note"]
+    assert "## TensorRT" in (out / "bench_gpu.md").read_text()

@@ -34,6 +34,7 @@ from open_fastervit.bench import BenchConfig, BenchError, run_benchmark
 from open_fastervit.cli import main as cli_main
 from open_fastervit.data import read_image
 from open_fastervit.deploy.export import onnx_domains
+from open_fastervit.deploy.openvino import load_openvino
 from open_fastervit.deploy.quantize import QuantizedModel, QuantizeError, load_quantized, quantize_model
 from open_fastervit.fused import inference_form
 from open_fastervit.paths import data_path
@@ -271,3 +272,21 @@ def test_errors_are_one_line_messages(trained, tmp_path, capsys) -> None:
     rc = cli_main(["validate", str(DATA), "--checkpoint", str(not_onnx)])
     err = capsys.readouterr().err
     assert rc == 1 and "onnxruntime cannot open" in err and "Traceback" not in err
+
+
+def test_openvino_int8_through_nncf_keeps_the_trained_accuracy(trained, val, tmp_path, capsys) -> None:
+    """``fastervit quantize ... -o model.int8.xml`` (NNCF): agreement with fp32 and top-1 within 1 point of fp32 on
+    the 500 held-out photos."""
+    path = tmp_path / "tiny.int8.xml"
+    rc = cli_main(["quantize", str(trained), "--calib", str(DATA / "train"), "--output", str(path),
+                   "--num-calib", str(NUM_CALIB)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "NNCF" in printed and "top-1 agreement" in printed, printed
+    model = load_openvino(path)
+    assert model.int8 and model.num_classes == 10 and model.data_config["input_size"] == (3, SIZE, SIZE)
+    assert model.quantization["check"]["images"] == NUM_CALIB
+    out = model(val["x"])
+    agreement = (out.argmax(1) == val["ref"].argmax(1)).float().mean().item()
+    top1_fp32, top1_int8 = ((t.argmax(1) == val["y"]).float().mean().item() for t in (val["ref"], out))
+    assert agreement >= 0.93, (agreement, top1_fp32, top1_int8)
+    assert top1_int8 >= top1_fp32 - 0.01, (top1_fp32, top1_int8)

@@ -28,6 +28,7 @@ from open_fastervit.bench.classification import (
 from open_fastervit.bench.dense import run_dense
 from open_fastervit.bench.profile import profile_forward
 from open_fastervit.bench.report import dense_markdown, markdown_report, write_dense_reports, write_reports
+from open_fastervit.bench.runtimes import FORMS, RuntimeConfig, markdown_runtimes, run_runtimes, write_runtime_reports
 from open_fastervit.bench.timing import BenchError
 from open_fastervit.cli._common import amp_word
 
@@ -130,7 +131,83 @@ def build_parser() -> argparse.ArgumentParser:
                         "sizes 224,448, --fuse --channels-last (explicit options still win)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_dense_options(p)
+    add_runtime_options(p)
     return p
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``fastervit bench --runtimes`` (one model in every runtime, side by side)."""
+    g = p.add_argument_group(
+        "runtimes (--runtimes)",
+        "One model in every runtime on CPU: the authors' package (fp32 baseline), torch fp32 / bf16 / "
+        "torch.compile, onnxruntime fp32 / int8, OpenVINO fp32 / bf16 / int8; interleaved rounds, medians, ratios "
+        "vs our fp32 and the authors' fp32, top-1 agreement with our fp32 on real images, top-1 accuracy with "
+        "--checkpoint and --data. Reuses the first of --models (default fastervit_0), --model-kwargs, the first "
+        "--img-sizes, --batch-sizes (default 1,16), --threads, --warmup (default 2), --rounds (default 5), --out "
+        "(default runs/bench_runtimes). --quick: a tiny model at 64 px, batch 1,4, no torch.compile.")
+    g.add_argument("--runtimes", action="store_true", help="run the runtime comparison instead")
+    g.add_argument("--checkpoint", default=None, metavar="RUN_OR_FILE",
+                   help="a trained model (run folder or weights file) instead of random weights")
+    g.add_argument("--data", default=None, metavar="VAL_DIR",
+                   help="labelled images (ImageFolder split) for top-1 accuracy of every form")
+    g.add_argument("--images", default=None, metavar="DIR",
+                   help="real images for the agreement check (default: the data folder's ImageNet sample)")
+    g.add_argument("--calib", default=None, metavar="DIR", help="calibration images of the int8 forms "
+                   "(default: --images)")
+    g.add_argument("--num-calib", type=int, default=32, help="calibration images (default: %(default)s)")
+    g.add_argument("--forms", type=_str_list, default=list(FORMS), metavar="LIST",
+                   help=f"forms to compare (default: all: {','.join(FORMS)})")
+
+
+#: ``--runtimes --quick``: a tiny FasterViT at 64 px in a few seconds per form (explicit options still win).
+RUNTIMES_QUICK: dict[str, Any] = {
+    "model_kwargs": {"dim": 16, "in_dim": 8, "depths": [1, 1, 2, 2], "num_heads": [1, 2, 2, 4],
+                     "window_size": [7, 7, 3, 3], "num_classes": 10},
+    "img_size": 64, "batch_sizes": [1, 4], "warmup": 1, "rounds": 2, "num_calib": 8, "num_check": 16,
+    "forms": [f for f in FORMS if f != "torch.compile"]}
+_RUNTIME_OPTIONS = {"model_kwargs": "--model-kwargs", "img_size": "--img-sizes", "batch_sizes": "--batch-sizes",
+                    "warmup": "--warmup", "rounds": "--rounds", "num_calib": "--num-calib", "num_check": "",
+                    "forms": "--forms"}
+
+
+def runtime_config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> RuntimeConfig:
+    """A :class:`open_fastervit.bench.runtimes.RuntimeConfig` from parsed options (``--quick`` fills the rest)."""
+    given = _given_options(argv)
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    model = args.models[0] if "--models" in given else "fastervit_0"
+    values: dict[str, Any] = {
+        "model": model, "model_kwargs": {**kwargs.get("*", {}), **kwargs.get(model, {})},
+        "checkpoint": args.checkpoint, "data": args.data, "images": args.images, "calib": args.calib,
+        "img_size": args.img_sizes[0] if "--img-sizes" in given and args.img_sizes else None,
+        "batch_sizes": args.batch_sizes, "forms": args.forms, "threads": args.threads,
+        "warmup": args.warmup if "--warmup" in given else 2, "rounds": args.rounds if "--rounds" in given else 5,
+        "num_calib": args.num_calib, "command": " ".join(["fastervit", "bench", *argv]),
+    }
+    if args.quick:
+        for key, value in RUNTIMES_QUICK.items():
+            if _RUNTIME_OPTIONS[key] not in given and not (key == "model_kwargs" and args.checkpoint):
+                values[key] = value
+    return RuntimeConfig(**values)
+
+
+def runtimes_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``fastervit bench --runtimes``: run, write runtimes.{json,md}, print the table."""
+    given = _given_options(argv) | {a for a in argv if a == "-o" or a.startswith("-o=")}
+    out = args.out if given & {"--out", "--output", "-o", "-o="} else Path("runs/bench_runtimes")
+    try:
+        result = run_runtimes(runtime_config_from_args(args, argv),
+                              log=lambda line: print(f"fastervit bench: {line}", file=sys.stderr))
+    except BenchError as exc:
+        print(f"fastervit bench: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        paths = write_runtime_reports(result, out)
+    except OSError as exc:
+        print(f"fastervit bench: error: cannot write the reports into {out}: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_runtimes(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -286,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     warn_if_busy()
+    if args.runtimes:
+        return runtimes_main(args, argv)
     if args.dense or args.profile is not None:
         return dense_main(args, argv)
     try:

@@ -1,4 +1,5 @@
-"""``fastervit export``: a model (any ``load_model`` source) -> ONNX or a ``torch.export`` program, checked."""
+"""``fastervit export``: a model (any ``load_model`` source) -> ONNX, a ``torch.export`` program or an OpenVINO IR,
+checked."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from open_fastervit.loading import load_model
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastervit export",
-        description="Export a FasterViT to ONNX (standard domain, onnxruntime/TensorRT) or to a torch.export "
-        ".pt2 program, then check the file against the eager model at several sizes (batch 1 and 3; square, "
+        description="Export a FasterViT to ONNX (standard domain, onnxruntime/TensorRT), to a torch.export "
+        ".pt2 program or to an OpenVINO IR (.xml + .bin, needs openvino), then check the file against the eager "
+        "model at several sizes (batch 1 and 3; square, "
         "non-square, padded). Batch is always dynamic; --dynamic-size makes height and width dynamic too, from "
         "the size where every transformer stage holds two windows per axis (FasterViT-0: 225 px) up. The range "
-        "is stored in the file (ONNX metadata_props / .pt2 extra file 'open_fastervit.input_range').",
+        "is stored in the file (ONNX metadata_props / .pt2 extra file / IR rt_info 'open_fastervit'). A file that "
+        "fails the check is removed.",
     )
     p.add_argument("source", help="model name, .safetensors, training checkpoint, official .pth.tar, or a "
                    "Hugging Face/timm model folder (as open_fastervit.load_model takes)")
-    p.add_argument("--output", "-o", required=True, help="output file (.onnx or .pt2)")
-    p.add_argument("--format", "-f", default=None, help="onnx or torch (default: from the --output suffix)")
+    p.add_argument("--output", "-o", required=True, help="output file (.onnx, .pt2 or .xml)")
+    p.add_argument("--format", "-f", default=None, help=f"{', '.join(FORMATS)} (default: from the --output suffix)")
     p.add_argument("--model", "-m", default=None, help="architecture of a weights file that names none")
     p.add_argument("--random-weights", action="store_true",
                    help="a model name with random weights (no download; for testing the export only)")
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         fmt = next((f for f, suffix in FORMATS.items() if args.output.endswith(suffix)), None)
     if fmt not in FORMATS:
         what = f"unknown --format {args.format!r}" if args.format else f"cannot tell the format of {args.output!r}"
-        print(f"fastervit export: error: {what}; use --format {' or '.join(FORMATS)} (.onnx / .pt2)", file=sys.stderr)
+        print(f"fastervit export: error: {what}; use --format {' or '.join(FORMATS)} "
+              f"({' / '.join(FORMATS.values())})", file=sys.stderr)
         return 2
     if args.opset is not None and fmt != "onnx":
         print("fastervit export: error: --opset applies to --format onnx only", file=sys.stderr)
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report.table())
         print(f"fastervit export: check failed: largest relative error {report.max_error:.2e} > "
-              f"{report.tolerance:g} ({report.path})", file=sys.stderr)
+              f"{report.tolerance:g}; {report.path} was removed", file=sys.stderr)
         return 1
     print(report.table())
     fused = ", fused" if report.fused else ""

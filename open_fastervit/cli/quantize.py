@@ -1,4 +1,5 @@
-"""``fastervit quantize``: a model -> an int8 ONNX file for CPU inference (static, calibrated on real images)."""
+"""``fastervit quantize``: a model -> an int8 ONNX file (onnxruntime) or OpenVINO IR (NNCF) for CPU inference
+(static, calibrated on real images)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from open_fastervit.cli._common import json_dict
+from open_fastervit.deploy.openvino import load_openvino, quantize_openvino
 from open_fastervit.deploy.quantize import METHODS, load_quantized, quantize_model
 
 
@@ -17,14 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessed as `fastervit validate` does), and every Conv/MatMul/Gemm gets uint8 activations and int8 "
         "per-channel weights. The file keeps the class names and preprocessing, so `fastervit validate "
         "--checkpoint FILE`, `fastervit predict --checkpoint FILE` and `fastervit bench --models FILE` take it. "
-        "Batch is dynamic; height and width are fixed at the evaluation size unless --dynamic-size.",
+        "Batch is dynamic; height and width are fixed at the evaluation size unless --dynamic-size. An --output "
+        "ending in .xml quantizes with NNCF to an OpenVINO IR instead (needs openvino and nncf; --method applies "
+        "to the onnxruntime route only).",
     )
     p.add_argument("source", help="model name, .safetensors, training checkpoint, official .pth.tar, or a "
                    "Hugging Face/timm model folder (as open_fastervit.load_model takes)")
     p.add_argument("--calib", required=True, metavar="DIR",
                    help="folder of real images for calibration, any depth (e.g. the train split); non-images "
                    "are skipped")
-    p.add_argument("--output", "-o", required=True, help="output file, e.g. model.int8.onnx")
+    p.add_argument("--output", "-o", required=True,
+                   help="output file: model.int8.onnx (onnxruntime) or model.int8.xml (OpenVINO, NNCF)")
     p.add_argument("--num-calib", type=int, default=128,
                    help="calibration images (default 128; calibration keeps every activation of every image in "
                    "memory: about 30 MB per image for FasterViT-0 at 224 px)")
@@ -48,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastervit quantize``; 0 on success, 2 with a one-line message for bad arguments, sources or data."""
     args = build_parser().parse_args(argv)
+    if args.output.endswith(".xml"):
+        return _openvino(args)
     try:
         path = quantize_model(
             args.source, args.calib, args.output, num_calib=args.num_calib, img_size=args.img_size,
@@ -65,5 +72,30 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * check['top1_agreement']:.1f}%, largest relative logit error {check['max_rel_error']:.3f}")
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({size_mb:.1f} MiB; int8 {q['weights']}, {q['activations']} activations; inputs "
+          f"{model.describe_range()})")
+    return 0
+
+
+def _openvino(args: argparse.Namespace) -> int:
+    """The NNCF route of ``fastervit quantize`` (an ``.xml`` output)."""
+    try:
+        path = quantize_openvino(
+            args.source, args.calib, args.output, num_calib=args.num_calib, img_size=args.img_size,
+            dynamic_size=args.dynamic_size, reduce_range=args.reduce_range, seed=args.seed, architecture=args.model,
+            model_kwargs=args.model_kwargs or None, use_ema=False if args.raw else None,
+        )
+        model = load_openvino(path)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # QuantizeError, OpenVINOError: ValueError
+        print(f"fastervit quantize: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    q = model.quantization or {}
+    check = q["check"]
+    skipped = f", {q['skipped_files']} unreadable files skipped" if q["skipped_files"] else ""
+    print(f"calibrated on {q['num_calib']} images of {q['calib_dir']} (NNCF {q['nncf']}{skipped}) in "
+          f"{q['seconds']:.0f} s")
+    print(f"check on {check['images']} calibration images: int8 vs fp32 top-1 agreement "
+          f"{100 * check['top1_agreement']:.1f}%, largest relative logit error {check['max_rel_error']:.3f}")
+    size_mb = (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 2**20
+    print(f"wrote {path} and {path.with_suffix('.bin').name} ({size_mb:.1f} MiB; OpenVINO int8; inputs "
           f"{model.describe_range()})")
     return 0

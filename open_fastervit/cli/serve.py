@@ -8,7 +8,9 @@ import sys
 import torch
 
 from open_fastervit.cli._common import json_dict, port_number, positive_float, positive_int, random_weights_note
+from open_fastervit.deploy.forms import choose_form
 from open_fastervit.loading import DEFAULT_MODEL
+from open_fastervit.runtime import PRECISION_CHOICES, RUNTIMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest upload in MB (default 20)")
     parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="largest image, width x height (default 50,000,000)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="who runs the model (default auto: the fastest form at --max-batch, measured once and "
+                        "cached; a file of export / quantize runs in its own runtime)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="fp32, bf16, fp16 or auto (default auto: fp32 unless asked; bf16 needs images to check "
+                        "it against fp32, which a server does not have at start)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn log level (default info)")
     return parser
@@ -70,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_for_serving(args.model, architecture=args.architecture, model_kwargs=args.model_kwargs,
                                  use_ema=not args.raw, pretrained=not args.random_weights, fuse=args.fuse)
+        chosen = choose_form(model, runtime=args.runtime, precision=args.precision, batch_size=args.max_batch,
+                             size=(args.img_size, args.img_size) if args.img_size else None, device=args.device)
+        print(f"fastervit serve: runtime {chosen.reason}", file=sys.stderr)
+        model = chosen.module
         serve(model, host=args.host, port=args.port, log_level=args.log_level, timeout=args.timeout,
-              classes=args.classes, topk=args.topk, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-              img_size=args.img_size,
+              classes=args.classes, topk=args.topk, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, img_size=args.img_size,
               device=args.device, max_upload_bytes=int(args.max_upload_mb * 2**20),
               max_pixels=args.max_pixels or MAX_PIXELS)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError; raised before serving starts

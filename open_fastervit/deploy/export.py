@@ -35,11 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..inference import data_config_for
 from ..layers import FusedConv2d, FusedLinear, HierarchicalAttention
 from ..model import MIN_INPUT_SIZE
 from ..serialization import atomic_write
 
 __all__ = [
+    "EXPORTERS",
     "FORMATS",
     "ONNX_SINGLE_FILE_LIMIT",
     "RANGE_KEY",
@@ -51,12 +53,16 @@ __all__ = [
     "describe_range",
     "export_model",
     "load_exported",
+    "register_export_format",
+    "remove_written",
+    "written_files",
     "min_dynamic_size",
     "onnx_domains",
     "verify_export",
 ]
 
-#: ``format`` words and the file suffix each writes.
+#: ``format`` words and the file suffix each writes (more with :func:`register_export_format`: ``openvino`` ->
+#: ``.xml``, registered by :mod:`open_fastervit.deploy.openvino`).
 FORMATS = {"onnx": ".onnx", "torch": ".pt2"}
 #: Name of the metadata entry (ONNX ``metadata_props`` key, ``.pt2`` extra file) holding the input range (JSON).
 RANGE_KEY = "open_fastervit.input_range"
@@ -69,6 +75,46 @@ ONNX_SINGLE_FILE_LIMIT = 1.8e9
 
 class ExportError(ValueError):
     """An export that cannot be made, a file that is not an export we wrote, or an input outside its range."""
+
+
+@dataclass
+class Exporter:
+    """A registered export format: ``write(model, example, size_range, path, meta)`` writes ``path`` (and its
+    companions) from the eval-mode ``model``, the example batch ``(2, C, H, W)``, ``size_range``
+    (``((h_min, h_max), (w_min, w_max))``, ``None`` max: unbounded) and the metadata strings to store;
+    ``open(path)`` returns ``(metadata, run)`` where ``run(x)`` maps a ``(B, C, H, W)`` tensor to logits;
+    ``companions(path)`` lists the other files a write makes (an IR's ``.bin``)."""
+
+    suffix: str
+    write: Callable[[nn.Module, Tensor, Any, Path, dict[str, str]], None]
+    open: Callable[[Path], tuple[dict[str, str], Callable[[Any], Any]]]
+    companions: Callable[[Path], list[Path]] = field(default=lambda path: [])
+
+
+#: Formats registered by other modules (``format word -> Exporter``); ``onnx`` and ``torch`` are built in.
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def register_export_format(name: str, exporter: Exporter) -> None:
+    """Make ``export_model(..., format=name)`` / a file ending in ``exporter.suffix`` write and check that format."""
+    FORMATS[name] = exporter.suffix
+    EXPORTERS[name] = exporter
+
+
+def written_files(path: str | Path) -> list[Path]:
+    """The files an export to ``path`` writes: the file, an ONNX file's external data, an IR's ``.bin``."""
+    path = Path(path)
+    files = [path, path.with_name(path.name + ".data")]
+    for exporter in EXPORTERS.values():
+        if path.name.endswith(exporter.suffix):
+            files += exporter.companions(path)
+    return files
+
+
+def remove_written(path: str | Path) -> None:
+    """Delete every file of an export to ``path`` (see :func:`written_files`) that exists."""
+    for file in written_files(path):
+        file.unlink(missing_ok=True)
 
 
 @dataclass
@@ -199,6 +245,13 @@ def _is_fused(model: nn.Module) -> bool:
 
 
 def _default_size(model: nn.Module) -> tuple[int, int]:
+    """The evaluation size the weights were saved with (``weights_info``), else the model cfg's."""
+    info = getattr(model, "weights_info", None) or {}
+    if (info.get("data_config") or {}).get("input_size"):
+        size = info["data_config"]["input_size"]
+        return int(size[-2]), int(size[-1])
+    if info.get("img_size"):
+        return int(info["img_size"]), int(info["img_size"])
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
     return int(size[-2]), int(size[-1])
 
@@ -220,12 +273,13 @@ def export_model(
 
     Args:
         model: a FasterViT (trainable or already fused).
-        path: output file; ``.onnx`` or ``.pt2`` (``format`` defaults from the suffix).
-        format: ``"onnx"`` (torch's dynamo exporter, standard ONNX domain) or ``"torch"`` (``torch.export``, saved
-            with ``torch.export.save``).
+        path: output file; ``.onnx``, ``.pt2`` or ``.xml`` (``format`` defaults from the suffix).
+        format: ``"onnx"`` (torch's dynamo exporter, standard ONNX domain), ``"torch"`` (``torch.export``, saved
+            with ``torch.export.save``) or ``"openvino"`` (an OpenVINO IR, ``.xml`` + ``.bin``, needs openvino).
         dynamic_size: dynamic height and width from :func:`min_dynamic_size` up (else fixed at ``example_size``).
             Batch is always dynamic.
-        example_size: ``(H, W)`` to trace with. Default: the model's cfg size, raised to the dynamic bound when
+        example_size: ``(H, W)`` to trace with. Default: the size stored with the weights (``weights_info``
+            ``data_config`` / ``img_size``), else the model's cfg size, raised to the dynamic bound when
             ``dynamic_size`` (and one side made 32 px longer, so the example is not square).
         fuse: export the inference form (``model.fuse(pack=False)`` on a copy; the model is left as it is).
         opset: ONNX opset (default: the exporter's).
@@ -237,8 +291,10 @@ def export_model(
         :class:`ExportReport` (with the measured errors when ``check``).
 
     Raises:
-        ExportError: unknown format, an example size outside the range, a non-standard ONNX node, or an error
-            above ``tolerance`` (the report is in the exception's ``report`` attribute).
+        ExportError: unknown format, an example size outside the range, a non-standard ONNX node, a file the
+            check cannot run, or an error above ``tolerance`` (the report is in the exception's ``report``
+            attribute). A file that fails its check is deleted (with its ``.bin`` / external data): no file on
+            disk disagrees with its model.
     """
     path = Path(path)
     fmt = format or next((f for f, suffix in FORMATS.items() if path.name.endswith(suffix)), None)
@@ -283,12 +339,15 @@ def export_model(
         "open_fastervit.architecture": str((getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")),
         "open_fastervit.num_classes": str(getattr(model, "num_classes", "")),
         "open_fastervit.fused": json.dumps(bool(fuse or _is_fused(model))),
+        **_preprocessing_meta(model, size_range),
     }
     start = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "onnx":
             _export_onnx(exported, x, dims, path, meta, opset)
+        elif fmt in EXPORTERS:
+            EXPORTERS[fmt].write(exported, x, size_range, path, meta)
         else:
             program = torch.export.export(exported, (x,), dynamic_shapes={"x": dims})
             buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the buffer goes in atomically
@@ -297,15 +356,34 @@ def export_model(
     report = ExportReport(path, fmt, dynamic_size, example_size, size_range, bool(fuse or _is_fused(model)),
                           tolerance=tolerance, seconds=time.perf_counter() - start)
     if check:
-        report.errors = verify_export(path, reference, shapes=shapes, tolerance=None)
+        try:
+            report.errors = verify_export(path, reference, shapes=shapes, tolerance=None)
+        except Exception as e:  # a file that cannot be run is as wrong as one that disagrees: not left on disk
+            remove_written(path)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ExportError(f"{path}: the written file could not be checked ({first}); it was removed") from e
         if not report.ok:
+            remove_written(path)
             error = ExportError(
                 f"{path}: the exported model disagrees with the eager model (largest relative error "
-                f"{report.max_error:.2e} > {tolerance:g}):\n{report.table()}"
+                f"{report.max_error:.2e} > {tolerance:g}; the file was removed):\n{report.table()}"
             )
             error.report = report  # type: ignore[attr-defined]
             raise error
     return report
+
+
+def _preprocessing_meta(model: nn.Module, size_range: Any) -> dict[str, str]:
+    """The evaluation data config (at a fixed export's size) and the class names of ``model`` as metadata."""
+    info = dict(getattr(model, "weights_info", None) or {})
+    config = dict(data_config_for(model, info))
+    (h0, h1), (w0, w1) = size_range
+    if h0 == h1 and w0 == w1:
+        config["input_size"] = (int(config["input_size"][0]), int(h0), int(w0))
+    names = info.get("class_names")
+    return {"open_fastervit.data_config": json.dumps(config, default=lambda v: list(v) if isinstance(v, tuple)
+                                                     else str(v)),
+            "open_fastervit.class_names": json.dumps(list(names) if names else None)}
 
 
 def _export_onnx(model: nn.Module, x: Tensor, dims: dict[int, Any], path: Path, meta: dict[str, str],
@@ -382,7 +460,8 @@ class ExportedModel:
 
 
 def load_exported(path: str | Path, providers: Sequence[str] | None = None) -> ExportedModel:
-    """Open a ``.pt2`` (``torch.export.load``) or ``.onnx`` (onnxruntime) file written by :func:`export_model`.
+    """Open a ``.pt2`` (``torch.export.load``), ``.onnx`` (onnxruntime) or registered (OpenVINO ``.xml``) file
+    written by :func:`export_model`.
 
     Args:
         path: the file.
@@ -427,7 +506,11 @@ def load_exported(path: str | Path, providers: Sequence[str] | None = None) -> E
             return torch.from_numpy(out) if isinstance(x, Tensor) else out
 
         return ExportedModel(path, "onnx", meta, run_onnx)
-    raise ExportError(f"{path}: expected a .onnx or .pt2 file")
+    for name, exporter in EXPORTERS.items():
+        if path.name.endswith(exporter.suffix):
+            meta, run = exporter.open(path)
+            return ExportedModel(path, name, meta, run)
+    raise ExportError(f"{path}: expected a {' or '.join(FORMATS.values())} file")
 
 
 def default_check_shapes(rng: dict[str, Any], model: nn.Module) -> list[tuple[int, int, int]]:

@@ -5,7 +5,9 @@ Importing this module (``import open_fastervit`` does) registers two suffixes wi
 
 - ``.onnx``: an int8 file of ``fastervit quantize`` (:func:`~open_fastervit.deploy.quantize.load_quantized`,
   onnxruntime) or an fp32 export of ``fastervit export`` (:func:`~open_fastervit.deploy.export.load_exported`);
-- ``.pt2``: a ``torch.export`` program of ``fastervit export``.
+- ``.pt2``: a ``torch.export`` program of ``fastervit export``;
+- ``.xml``: an OpenVINO IR of ``fastervit export`` (fp32) or ``fastervit quantize`` (int8, NNCF), run by OpenVINO
+  on the CPU (:func:`~open_fastervit.deploy.openvino.load_openvino`, fp32 precision hint; needs openvino).
 
 Each opens as an ``nn.Module`` with ``num_classes``, ``pretrained_cfg`` (what timm's ``resolve_data_config``
 reads) and ``weights_info``, so prediction, validation, serving and benchmarks take it as they take a model.
@@ -21,9 +23,10 @@ from torch import Tensor, nn
 
 from ..loading import register_file_type
 from .export import ExportedModel, load_exported
+from .openvino import load_openvino
 from .quantize import NotQuantizedError, load_quantized
 
-__all__ = ["ExportedClassifier", "open_exported", "open_onnx"]
+__all__ = ["ExportedClassifier", "open_exported", "open_onnx", "open_openvino"]
 
 
 class ExportedClassifier(nn.Module):
@@ -91,5 +94,16 @@ def open_onnx(path: str | Path) -> nn.Module:
         return open_exported(path)
 
 
+def open_openvino(path: str | Path) -> nn.Module:
+    """An OpenVINO ``.xml`` of ``fastervit export`` / ``fastervit quantize`` as an
+    :class:`~open_fastervit.deploy.openvino.OpenVINOModel` (fp32 hint; int8 layers run in int8).
+
+    Raises:
+        OpenVINOError: openvino missing, a missing ``.bin``, a file that is not an IR, or an IR not written by us.
+    """
+    return load_openvino(path)
+
+
 register_file_type(".onnx", open_onnx, "ONNX file of fastervit quantize (int8) or fastervit export (onnxruntime)")
 register_file_type(".pt2", open_exported, "torch.export program of fastervit export")
+register_file_type(".xml", open_openvino, "OpenVINO IR of fastervit export (fp32) or fastervit quantize (int8)")
