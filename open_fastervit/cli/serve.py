@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastervit serve: runtime {chosen.reason}", file=sys.stderr)
         model = chosen.module
         serve(model, host=args.host, port=args.port, log_level=args.log_level, timeout=args.timeout,
-              classes=args.classes, topk=args.topk, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, img_size=args.img_size,
+              classes=args.classes, topk=args.topk, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+              img_size=args.img_size,
               device=args.device, max_upload_bytes=int(args.max_upload_mb * 2**20),
               max_pixels=args.max_pixels or MAX_PIXELS)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError; raised before serving starts
