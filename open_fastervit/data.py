@@ -393,6 +393,8 @@ def _local_split_root(root: Path, split: str, is_training: bool) -> Path:
     raise DatasetError(
         f"no {split!r} split in {root}: expected {root / split}/<class>/<image> "
         f"(or {split}.tar); found sub-folders {subdirs[:10]}"
+        + ("" if is_training else f"; if {root} holds the class folders itself, pass split '.' (fastervit validate "
+           f"--split .)")
     )
 
 

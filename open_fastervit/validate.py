@@ -116,7 +116,8 @@ def evaluate(
                 if targets.numel() and int(targets.max()) >= logits.shape[-1]:
                     raise ValueError(
                         f"target {int(targets.max())} is outside the model's {logits.shape[-1]} outputs; "
-                        "pass a label_map or a model with more classes"
+                        "pass a label map (label_map= in Python, --label-map on the command line) or a model with more "
+                        "classes"
                     )
                 k = min(5, logits.shape[-1])
                 acc1, acck = accuracy(logits, targets, topk=(1, k))

@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 from conftest import TINY, randomise
+from PIL import Image
 
 from open_fastervit.cli import main as cli_main
 from open_fastervit.deploy import ExportError, export_model, load_exported, min_dynamic_size
@@ -68,8 +69,10 @@ def test_cli_exports_onnx_with_dynamic_size_in_the_standard_domain(tmp_path, cap
     path = tmp_path / "tiny.onnx"
     rc = cli_main(["export", "fastervit_0", "--random-weights", "--model-kwargs", TINY_JSON, "--format", "onnx",
                    "--output", str(path), "--fuse", "--dynamic-size"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0, out
+    assert "below this file's range" not in captured.err  # 224 px model, H >= 97: its own size is in range
     rows = [line for line in out.splitlines() if line.startswith("(")]
     assert len(rows) >= 4 and all(float(row.split()[-1]) <= 1e-5 for row in rows), out
     assert "largest relative error" in out and f"H >= {TINY_BOUND}" in out
@@ -112,7 +115,8 @@ def test_cli_fixed_size_from_a_weights_file_and_a_failing_check_exits_1(tiny, tm
                                                                         monkeypatch) -> None:
     import open_fastervit.deploy.export as export_module
 
-    weights = save_weights(tiny, tmp_path / "tiny.safetensors", metadata={"model_kwargs": TINY})
+    names = [f"class {i}" for i in range(10)]
+    weights = save_weights(tiny, tmp_path / "tiny.safetensors", metadata={"model_kwargs": TINY, "class_names": names})
     path = tmp_path / "fixed.pt2"
     verify = export_module.verify_export
     monkeypatch.setattr(export_module, "verify_export", lambda *a, **k: {(1, 64, 80): 0.5})
@@ -129,6 +133,13 @@ def test_cli_fixed_size_from_a_weights_file_and_a_failing_check_exits_1(tiny, tm
     assert set(errors) == {(1, 64, 80), (3, 64, 80)} and max(errors.values()) <= 1e-5
     with pytest.raises(ExportError, match="fixed size"):
         exported(torch.randn(1, 3, 64, 96))
+    # the file answers with the weights' class names and preprocessing, as the weights file does
+    from open_fastervit import Predictor, load_model
+
+    opened = load_model(path)
+    assert opened.weights_info["class_names"] == names and opened.pretrained_cfg["input_size"] == (3, 64, 80)
+    top = Predictor(path, device="cpu")([Image.new("RGB", (90, 70), (120, 30, 200))], topk=3)[0]
+    assert top.labels == [names[i] for i in top.indices]
 
 
 def test_jit_trace_is_refused_with_a_pointer_to_export(tiny) -> None:
@@ -136,3 +147,18 @@ def test_jit_trace_is_refused_with_a_pointer_to_export(tiny) -> None:
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match=r"(?is)torch\.export.*onnx"):
         warnings.simplefilter("ignore")
         torch.jit.trace(tiny, torch.randn(1, 3, 64, 64))
+
+
+def test_cli_notes_a_dynamic_range_above_the_models_own_size(tiny, tmp_path, capsys, monkeypatch) -> None:
+    """A 64 px model exported with a dynamic size whose range starts above 64 px: the command says how to run it."""
+    import open_fastervit.cli.export as export_cli
+    from open_fastervit.deploy.export import ExportReport
+
+    weights = save_weights(tiny, tmp_path / "tiny64.safetensors", metadata={"model_kwargs": TINY, "img_size": 64})
+    fake = ExportReport(path=tmp_path / "m.onnx", format="onnx", dynamic_size=True, example_size=(225, 225),
+                        size_range=((225, None), (225, None)), fused=True, errors={(1, 225, 225): 0.0})
+    monkeypatch.setattr(export_cli, "export_model", lambda *a, **k: fake)  # the note, not the export, is tested
+    assert cli_main(["export", str(weights), "--output", str(fake.path), "--dynamic-size"]) == 0
+    err = capsys.readouterr().err
+    assert "own input size 64x64 is below this file's range (B >= 1, H >= 225, W >= 225)" in err
+    assert "--img-size 225 or more" in err

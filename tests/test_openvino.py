@@ -110,8 +110,18 @@ def test_bad_files_get_clear_errors(ir, tiny, tmp_path) -> None:
     junk = tmp_path / "junk.xml"
     junk.write_text("<not an ir/>")
     junk.with_suffix(".bin").write_bytes(b"\0" * 8)
-    with pytest.raises(OpenVINOError, match="cannot read .*junk.xml as an IR"):
+    with pytest.raises(OpenVINOError, match=r"junk\.xml is not an OpenVINO IR \(its \.xml has no <net> element\)"):
         open_fastervit.load_model(junk)
+    text = tmp_path / "notes.xml"  # a text file renamed .xml, a .bin beside it: refused before OpenVINO parses it
+    text.write_text("just some words\n")
+    text.with_suffix(".bin").write_bytes(b"\0" * 8)
+    with pytest.raises(OpenVINOError, match=r"notes\.xml is not an OpenVINO IR \(its \.xml has no <net>"):
+        open_fastervit.load_model(text)
+    broken = tmp_path / "broken.xml"  # looks like an IR, is not one OpenVINO can read
+    broken.write_text('<?xml version="1.0"?>\n<net name="x" version="11"><layers><layer id="0"')
+    broken.with_suffix(".bin").write_bytes(b"\0" * 8)
+    with pytest.raises(OpenVINOError, match=r"broken\.xml is not an OpenVINO IR OpenVINO can read \(.+\)"):
+        open_fastervit.load_model(broken)
     foreign = tmp_path / "foreign.xml"  # a valid IR without our rt_info section
     foreign.write_text(re.sub(r"<rt_info>.*</rt_info>", "", ir.read_text(), flags=re.S))
     foreign.with_suffix(".bin").write_bytes(ir.with_suffix(".bin").read_bytes())
@@ -151,6 +161,7 @@ def test_a_file_failing_its_check_is_removed(tiny, tmp_path, suffix) -> None:
 def test_auto_choice_runs_answers_as_fp32_and_is_cached(tiny, tmp_path, monkeypatch) -> None:
     cache = tmp_path / "forms.json"
     fused = inference_form(copy.deepcopy(tiny))
+    fused.weights_info = {"weights": "random"}
     real_time = forms_module._time
     checks = Predictor(tiny, device="cpu").preprocess(calibration_images(SAMPLE, 8).pictures)
     chosen = choose_form(fused, batch_size=4, check_images=checks, cache=cache, rounds=2)
@@ -159,6 +170,8 @@ def test_auto_choice_runs_answers_as_fp32_and_is_cached(tiny, tmp_path, monkeypa
     assert set(chosen.timings) >= {"torch fp32", "openvino fp32"} and chosen.name in chosen.reason
     with torch.no_grad():
         assert torch.equal(chosen.module(checks).argmax(1), tiny(checks).argmax(1))
+    assert chosen.module.weights_info["weights"] == {"torch fp32": "random",
+                                                     "openvino fp32": "random (openvino fp32)"}[chosen.name]
     # the cache's logic from here on: the torch model stands in for the OpenVINO candidate (no conversion)
     monkeypatch.setattr(forms_module, "from_torch", lambda model, **kwargs: model)
     timed = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -257,8 +258,15 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 def markdown_runtimes(result: dict[str, Any]) -> str:
     """The result as a Markdown table (one row per form and batch size) with the skipped forms and notes."""
     env = result["environment"]
-    lines = [f"# Runtimes: {result['config']['checkpoint'] or result['config']['model']} at "
-             f"{result['img_size']} px", "",
+    kwargs = result["config"].get("model_kwargs") or {}
+    custom = f" (custom: {json.dumps(kwargs, sort_keys=True)})" if kwargs else ""
+    cores = os.cpu_count() or 1
+    load = env.get("load_average_1m")
+    busy = ([f"**Load average {load:.1f} on {cores} cores while timing: other work shared the cores, so these "
+             "timings are not reliable; rerun on a quiet machine.**", ""]
+            if isinstance(load, (int, float)) and load > cores else [])
+    lines = [f"# Runtimes: {result['config']['checkpoint'] or result['config']['model']}{custom} at "
+             f"{result['img_size']} px", "", *busy,
              f"CPU: {env['cpu']}; threads {env['threads']}; native precisions {', '.join(result['native_precisions'])}"
              f"; OpenVINO capabilities {', '.join(result['openvino_capabilities'] or ['(not installed)'])}; "
              f"load average {env['load_average_1m']}; {env['date_utc']}", "",

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: %(default)s; --dense: runs/bench_dense)")
     p.add_argument("--quick", action="store_true",
                    help="about a minute on 2 CPU cores: batch 1,8, train batch 4, 1 warm-up, 3 rounds, "
-                        "sizes 224,448, --fuse --channels-last (explicit options still win)")
+                        "sizes 224,448, --fuse --channels-last; with --runtimes: a tiny FasterViT at 64 px, a few "
+                        "minutes (explicit options still win)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_dense_options(p)
     add_runtime_options(p)
@@ -159,7 +160,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help=f"forms to compare (default: all: {','.join(FORMS)})")
 
 
-#: ``--runtimes --quick``: a tiny FasterViT at 64 px in a few seconds per form (explicit options still win).
+#: ``--runtimes --quick``: a tiny FasterViT at 64 px, a few minutes in all (explicit options still win).
 RUNTIMES_QUICK: dict[str, Any] = {
     "model_kwargs": {"dim": 16, "in_dim": 8, "depths": [1, 1, 2, 2], "num_heads": [1, 2, 2, 4],
                      "window_size": [7, 7, 3, 3], "num_classes": 10},

@@ -8,6 +8,7 @@ import sys
 
 from open_fastervit.cli._common import json_dict
 from open_fastervit.deploy.export import FORMATS, ExportError, export_model
+from open_fastervit.inference import data_config_for
 from open_fastervit.loading import load_model
 
 
@@ -80,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{report.tolerance:g}; {report.path} was removed", file=sys.stderr)
         return 1
     print(report.table())
+    _, own_h, own_w = data_config_for(model, getattr(model, "weights_info", None))["input_size"]
+    (h_min, _), (w_min, _) = report.size_range
+    if own_h < h_min or own_w < w_min:
+        print(f"fastervit export: note: the model's own input size {own_h}x{own_w} is below this file's range "
+              f"({report.describe_range()}); run it at --img-size {max(h_min, w_min)} or more, or export without "
+              "--dynamic-size for a file at the model's size", file=sys.stderr)
     fused = ", fused" if report.fused else ""
     print(f"wrote {report.path} ({report.format}{fused}; inputs {report.describe_range()}; exported in "
           f"{report.seconds:.1f} s); largest relative error {report.max_error:.2e} <= {report.tolerance:g}")

@@ -218,13 +218,20 @@ def read_ir(path: str | Path) -> tuple[Any, dict[str, str]]:
     if not path.with_suffix(".bin").is_file():
         raise OpenVINOError(f"{path} has no weights file {path.with_suffix('.bin').name} beside it (an IR is the "
                             ".xml and its .bin; copy both)")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if b"<net" not in head:  # an IR's .xml is XML whose root element is <net ...>; anything else would reach
+        # OpenVINO's other front ends (TensorFlow text graphs...), which print their own parse errors
+        raise OpenVINOError(f"{path} is not an OpenVINO IR (its .xml has no <net> element); write one with "
+                            "fastervit export --output model.xml")
     try:
         ov_model = _core().read_model(str(path))
     except OpenVINOError:
         raise
     except Exception as e:  # OpenVINO raises RuntimeError / its own types for a file that is not an IR
-        raise OpenVINOError(f"OpenVINO cannot read {path} as an IR: {str(e).splitlines()[0] if str(e) else e!r}"
-                            ) from None
+        lines = [line for line in str(e).splitlines() if line.strip() and "Exception from" not in line]
+        first = lines[0] if lines else type(e).__name__
+        raise OpenVINOError(f"{path} is not an OpenVINO IR OpenVINO can read ({first})") from None
     meta = _metadata(ov_model)
     if RANGE_KEY not in meta:
         raise OpenVINOError(f"{path} is an OpenVINO IR not written by open_fastervit (no {RT_SECTION} metadata); "
@@ -380,7 +387,11 @@ def from_torch(model: nn.Module, *, precision: str = "fp32", threads: int | None
     in_chans = int(getattr(model, "in_chans", 3))
     meta = _meta_of(model, size_range, in_chans)
     example = torch.randn(2, in_chans, h, w)
-    return OpenVINOModel(torch_to_openvino(model, example, size_range), meta, precision=precision, threads=threads)
+    converted = OpenVINOModel(torch_to_openvino(model, example, size_range), meta, precision=precision,
+                              threads=threads)
+    if info.get("weights"):  # what was loaded stays named (e.g. "pretrained"); the runtime is added to it
+        converted.weights_info["weights"] = f"{info['weights']} (openvino {converted.precision})"
+    return converted
 
 
 def _meta_of(model: nn.Module, size_range: Any, in_chans: int) -> dict[str, str]:

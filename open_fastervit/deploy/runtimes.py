@@ -15,6 +15,7 @@ reads) and ``weights_info``, so prediction, validation, serving and benchmarks t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import timm
@@ -34,7 +35,8 @@ class ExportedClassifier(nn.Module):
 
     ``x`` is a ``(B, C, H, W)`` float tensor inside the file's stored input range (else :class:`ExportError`
     naming the range); the program runs on CPU and the ``(B, classes)`` logits come back on ``x``'s device. The
-    preprocessing (``pretrained_cfg``) is the stored architecture's, at the file's size when that is fixed.
+    preprocessing (``pretrained_cfg``) is the data config stored in the file (else the architecture's), at the
+    file's size when that is fixed; ``class_names`` (also in ``weights_info``) are the stored names, if any.
 
     Raises:
         ValueError: a file that does not state its class count (not written by ``fastervit export``).
@@ -53,12 +55,17 @@ class ExportedClassifier(nn.Module):
         arch = str(meta.get("open_fastervit.architecture", ""))
         known = timm.models.get_pretrained_cfg(arch) if arch and timm.is_model(arch) else None
         cfg = known.to_dict() if known is not None else {}
+        stored = json.loads(meta.get("open_fastervit.data_config") or "null") or {}
+        cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
         (h0, h1), (w0, w1) = rng["height"], rng["width"]
         if h0 == h1 and w0 == w1:
             cfg["input_size"] = (self.in_chans, int(h0), int(w0))
+        self.class_names: list[str] | None = json.loads(meta.get("open_fastervit.class_names") or "null")
         self.pretrained_cfg = {**cfg, "architecture": arch, "num_classes": self.num_classes}
         self.weights_info = {"weights": f"exported {exported.format}", "file": str(exported.path),
-                             "architecture": arch, "num_classes": self.num_classes}
+                             "architecture": arch, "num_classes": self.num_classes, "class_names": self.class_names}
+        if stored:
+            self.weights_info["data_config"] = dict(stored)
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
