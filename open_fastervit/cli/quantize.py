@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"check on {check['images']} calibration images: int8 vs fp32 top-1 agreement "
           f"{100 * check['top1_agreement']:.1f}%, largest relative logit error {check['max_rel_error']:.3f}")
     size_mb = path.stat().st_size / 2**20
-    print(f"wrote {path} ({size_mb:.1f} MiB; int8 {q['weights']}, {q['activations']} activations; inputs "
+    print(f"wrote {path} ({size_mb:.1f} MiB; weights {q['weights']}, activations {q['activations']}; inputs "
           f"{model.describe_range()})")
     return 0
 

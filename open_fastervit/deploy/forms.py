@@ -215,6 +215,9 @@ def choose_form(
         timings = {str(k): float(v) for k, v in (entry.get("timings") or {}).items()}
         return ChosenForm(makers[name](), name, f"{name} (cached choice of {_describe(timings)}; {path})", timings,
                           cached=True)
+    if len(makers) == 1:  # the runtime and precision asked for leave one form: nothing to measure or cache
+        name = next(iter(makers))
+        return ChosenForm(makers[name](), name, f"{name} (only candidate for runtime {runtime}, precision {precision})")
     if not measure:
         name = next((n for n in makers if n.endswith("fp32")), next(iter(makers)))
         return ChosenForm(makers[name](), name, f"{name} (too few images to repay measuring the other forms; a "
