@@ -23,34 +23,33 @@ __all__ = [
     "random_weights_note",
 ]
 
+def _int_at_least(text: str, low: int) -> int:
+    """``text`` as an integer >= ``low``; argparse prefixes the option's name to the error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """An integer >= 0 given on the command line (argparse names the option in its error).
 
     Raises:
         argparse.ArgumentTypeError: not an integer, or below 0.
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1 given on the command line (argparse names the option in its error).
 
     Raises:
-        argparse.ArgumentTypeError: not an integer, or < 1.
+        argparse.ArgumentTypeError: not an integer, or below 1.
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def positive_float(text: str) -> float:

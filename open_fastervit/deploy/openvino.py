@@ -33,6 +33,7 @@ only when used.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import sys
@@ -104,13 +105,17 @@ def openvino_available() -> bool:
     return True
 
 
-def _ov() -> Any:
+def _optional(module: str, error: type[Exception], what: str) -> Any:
+    """The optional package ``module`` (the ``[openvino]`` extra), or ``error`` saying how to install it."""
     try:
-        import openvino as ov  # optional dependency (pip install 'open-fastervit[openvino]')
+        return importlib.import_module(module)
     except ImportError as e:
-        raise OpenVINOError(f"OpenVINO files need the openvino package ({e}); pip install "
-                            "'open-fastervit[openvino]' (or: pip install openvino nncf)") from None
-    return ov
+        raise error(f"{what} need the {module} package ({e}); pip install 'open-fastervit[openvino]' "
+                    "(or: pip install openvino nncf)") from None
+
+
+def _ov() -> Any:
+    return _optional("openvino", OpenVINOError, "OpenVINO files")
 
 
 def _core() -> Any:
@@ -417,12 +422,7 @@ def _meta_of(model: nn.Module, size_range: Any, in_chans: int) -> dict[str, str]
 
 
 def _nncf() -> Any:
-    try:
-        import nncf  # optional dependency (pip install 'open-fastervit[openvino]')
-    except ImportError as e:
-        raise QuantizeError(f"int8 OpenVINO files need nncf ({e}); pip install 'open-fastervit[openvino]' "
-                            "(or: pip install openvino nncf)") from None
-    return nncf
+    return _optional("nncf", QuantizeError, "int8 OpenVINO files")
 
 
 def _check_output(output: Path) -> None:
