@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +28,11 @@ TINY = dict(
     do_propagation=True,
     num_classes=10,
 )
+
+
+# The automatic runtime choice caches per machine; tests (and the commands they start) get a cache of their own, so
+# a choice cached by earlier use of this machine never changes what a test sees.
+os.environ["FASTERVIT_FORMS_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="fastervit-forms-"), "forms.json")
 
 
 @pytest.fixture(autouse=True)

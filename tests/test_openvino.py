@@ -192,7 +192,7 @@ def test_auto_choice_runs_answers_as_fp32_and_is_cached(tiny, tmp_path, monkeypa
 
 
 def test_predict_cli_runtime_options(weights, ir, capsys, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FASTERVIT_FORMS_CACHE", str(tmp_path / "forms.json"))
     images = [str(p) for p in sorted((DATA / "val").glob("*/*"))[:2]]
     assert cli_main(["predict", *images, "-c", str(weights), "--runtime", "torch", "--precision", "fp32",
                      "--json"]) == 0

@@ -86,7 +86,10 @@ class ChosenForm:
 
 
 def cache_path() -> Path:
-    """``$XDG_CACHE_HOME/open_fastervit/forms.json`` (``XDG_CACHE_HOME`` default: ``~/.cache``)."""
+    """``$FASTERVIT_FORMS_CACHE`` when set, else ``$XDG_CACHE_HOME/open_fastervit/forms.json`` (``XDG_CACHE_HOME``
+    default: ``~/.cache``)."""
+    if os.environ.get("FASTERVIT_FORMS_CACHE"):
+        return Path(os.environ["FASTERVIT_FORMS_CACHE"])
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "open_fastervit" / "forms.json"
 
