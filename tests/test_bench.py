@@ -346,3 +346,15 @@ def test_bench_runtimes_quick_side_by_side(tmp_path: Path, capsys) -> None:
     assert rows[("torch fp32", 4)]["vs_ours_fp32"] == 1.0 and rows[("openvino fp32", 1)]["vs_authors_fp32"] is None
     table = (out / "runtimes.md").read_text()
     assert "| openvino fp32 | 4 |" in table and "authors fp32: skipped" in table and table in printed.out
+
+
+def test_runtimes_baseline_needs_the_users_import(monkeypatch) -> None:
+    """The library never imports the authors' package: without ``--import fastervit`` the baseline says how."""
+    import timm as timm_module
+
+    from open_fastervit.bench import runtimes
+
+    model = timm_module.create_model("fastervit_0", **TINY)
+    monkeypatch.setattr(runtimes.timm, "is_model", lambda name: False)  # as in a process that imported nothing
+    with pytest.raises(BenchError, match=r"faster_vit_0_224 is not registered with timm: add --import fastervit"):
+        runtimes._official(runtimes.RuntimeConfig(model="fastervit_0"), model)

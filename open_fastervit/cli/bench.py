@@ -17,6 +17,7 @@ from open_fastervit.bench.backbones import (
     DenseConfig,
     parse_sizes,
 )
+from open_fastervit.bench.candidates import import_plugins
 from open_fastervit.bench.classification import (
     DEFAULT_MODELS,
     DEFAULT_SCALING_SIZES,
@@ -196,6 +197,7 @@ def runtimes_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     given = _given_options(argv) | {a for a in argv if a == "-o" or a.startswith("-o=")}
     out = args.out if given & {"--out", "--output", "-o", "-o="} else Path("runs/bench_runtimes")
     try:
+        import_plugins(args.imports)  # --import fastervit: the authors' baseline
         result = run_runtimes(runtime_config_from_args(args, argv),
                               log=lambda line: print(f"fastervit bench: {line}", file=sys.stderr))
     except BenchError as exc:
